@@ -1,0 +1,226 @@
+"""Run configuration: YAML + `--set a.b=value` overrides, validated by pydantic.
+
+Unknown keys are errors. Each component's `options` are validated by that component's own options
+model, and every problem in a file is reported at once with its location.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flowfactory.errors import ConfigError, FlowFactoryError, UnknownComponentError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentConfig(_Strict):
+    name: str = Field(description="Registered component name (`ff list` shows them).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Validated by the component's own model.")
+
+
+class RewardConfig(ComponentConfig):
+    weight: float = Field(1.0, description="Weight in the combined reward.")
+
+
+class DataConfig(_Strict):
+    train: str = Field("colours", description="Prompt file (.txt, one per line; .jsonl with 'prompt') or a built-in set.")
+    eval: str | None = Field("colours-eval", description="Held-out prompts, same forms; null disables eval.")
+
+
+class EMAConfig(_Strict):
+    enabled: bool = False
+    decay: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(40, ge=1, description="Rollout/update rounds.")
+    prompts_per_epoch: int = Field(4, ge=1, description="Distinct prompts sampled per epoch (global).")
+    group_size: int = Field(8, ge=2, description="Rollouts per prompt; advantages are relative within a group.")
+    micro_batch_size: int = Field(8, ge=1, description="Rollouts per forward/backward, per process.")
+    rollout_batch_size: int = Field(16, ge=1, description="Rollouts sampled at once, per process.")
+    steps_per_epoch: int = Field(1, ge=1, description="Optimizer steps the epoch's samples are split into.")
+    inner_epochs: int = Field(1, ge=1, description="Passes over the epoch's samples.")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping; null disables.")
+    adv_std: Literal["group", "global", "none"] = Field("group", description="Std used to scale advantages.")
+    adv_clip: float | None = Field(5.0, description="Advantages clipped to [-c, c]; null disables.")
+    reward_combine: Literal["sum", "group-normalize"] = Field(
+        "sum", description="Weighted sum of rewards, or weighted sum of per-reward group-normalised advantages.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    eval_every: int = Field(10, ge=0, description="Epochs between evals on held-out prompts; 0 disables.")
+    eval_prompts: int = Field(4, ge=1)
+    sample_every: int = Field(10, ge=0, description="Epochs between PNG sample grids; 0 disables.")
+    checkpoint_every: int = Field(10, ge=0, description="Epochs between checkpoints; 0 disables.")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    tensorboard: bool = Field(True, description="Log to tensorboard when the package is installed.")
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str | None = Field(None, description="Defaults to runs/<name>.")
+    policy: ComponentConfig
+    sampler: ComponentConfig
+    rewards: list[RewardConfig] = Field(min_length=1)
+    optimizer: ComponentConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_rewards(cls, v: list[RewardConfig]) -> list[RewardConfig]:
+        names = [r.name for r in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"reward {dup[0]!r} is listed twice; list each reward once")
+        return v
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _pydantic_problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    probs = []
+    for e in err.errors():
+        loc = _loc(tuple(e["loc"]))
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (`ff show` lists the options)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        probs.append((loc, msg))
+    return probs
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: parsed as YAML (numbers, booleans, lists), else kept as a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; list items by index (`rewards.0.weight=2`)."""
+    data = copy.deepcopy(data)
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(("--set " + item, "expected KEY=VALUE, e.g. --set train.epochs=5"))
+            continue
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        try:
+            for p in parts[:-1]:
+                if isinstance(node, list):
+                    node = node[int(p)]
+                else:
+                    node = node.setdefault(p, {})
+            last = parts[-1]
+            if isinstance(node, list):
+                node[int(last)] = parse_value(value)
+            else:
+                node[last] = parse_value(value)
+        except (ValueError, IndexError, TypeError, AttributeError):
+            problems.append(("--set " + key, "this path does not exist in the config"))
+    if problems:
+        raise ConfigError(source, problems)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise FlowFactoryError(f"{p}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(p), [("", f"not valid YAML: {exc}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), [("", "the top level must be a mapping of keys (name, policy, sampler, ...)")])
+    return data
+
+
+def validate(data: dict[str, Any], source: str = "<config>", registry: Any = None) -> tuple[RunConfig, dict[str, BaseModel]]:
+    """Validate a config dict. Returns the RunConfig and each component's validated options.
+
+    Keys of the options dict: "policy", "sampler", "optimizer", "rewards[i]". Raises ConfigError with
+    every problem found (structure, unknown components, component options).
+    """
+    if registry is None:
+        from flowfactory.plugins import get_registry
+
+        registry = get_registry()
+    problems: list[tuple[str, str]] = []
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += _pydantic_problems(exc)
+        cfg = None
+
+    # Component options are checked even when the top level has problems, so one pass shows all.
+    comps: list[tuple[str, str, Any, Any]] = []
+    for kind in ("policy", "sampler", "optimizer"):
+        node = data.get(kind)
+        if isinstance(node, dict) and isinstance(node.get("name"), str):
+            comps.append((kind, kind, node["name"], node.get("options") or {}))
+    rewards = data.get("rewards")
+    if isinstance(rewards, list):
+        for i, node in enumerate(rewards):
+            if isinstance(node, dict) and isinstance(node.get("name"), str):
+                comps.append((f"rewards[{i}]", "reward", node["name"], node.get("options") or {}))
+
+    options: dict[str, BaseModel] = {}
+    for key, kind, name, raw in comps:
+        try:
+            spec = registry.get(kind, name)
+        except UnknownComponentError as exc:
+            problems.append((f"{key}.name", str(exc)))
+            continue
+        if not isinstance(raw, dict):
+            continue  # already reported by RunConfig
+        try:
+            options[key] = spec.validate_options(raw)
+        except ValidationError as exc:
+            problems += _pydantic_problems(exc, prefix=f"{key}.options")
+
+    if cfg is not None and not problems:
+        problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    assert cfg is not None
+    return cfg, options
+
+
+def _cross_checks(cfg: RunConfig) -> list[tuple[str, str]]:
+    t = cfg.train
+    probs = []
+    n = t.prompts_per_epoch * t.group_size
+    if n % t.steps_per_epoch:
+        probs.append(("train.steps_per_epoch", f"must divide prompts_per_epoch * group_size = {n}"))
+    return probs
+
+
+def load(path: str | Path, overrides: list[str] | None = None, registry: Any = None) -> tuple[RunConfig, dict[str, BaseModel]]:
+    """Load, override and validate a YAML run config."""
+    data = load_yaml(path)
+    if overrides:
+        data = apply_overrides(data, overrides, str(path))
+    return validate(data, str(path), registry)

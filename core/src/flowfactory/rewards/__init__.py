@@ -1,0 +1,57 @@
+"""Built-in weight-free rewards, registered through the same hook a third-party plugin uses."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowfactory.hookspecs import hookimpl
+
+
+class JPEGOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    quality: int = Field(95, ge=1, le=100, description="JPEG quality used to encode each image (DDPO: 95).")
+
+
+class BrightnessOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ColourMatchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tolerance: float = Field(
+        0.35, gt=0, description="RGB distance (in [0,1] units) at which a pixel counts half as that colour.")
+    default: str | None = Field(
+        None, description="Colour used when a prompt names none; null makes that an error.")
+
+
+def _jpeg(sign: float):
+    def build(options: JPEGOptions, ctx):
+        from flowfactory.rewards.builtin import JPEGSize
+
+        return JPEGSize(quality=options.quality, sign=sign)
+
+    return build
+
+
+def _brightness(options, ctx):
+    from flowfactory.rewards.builtin import Brightness
+
+    return Brightness()
+
+
+def _colour_match(options: ColourMatchOptions, ctx):
+    from flowfactory.rewards.builtin import ColourMatch
+
+    return ColourMatch(tolerance=options.tolerance, default=options.default)
+
+
+@hookimpl
+def register_rewards(register):
+    register("jpeg-compressibility", _jpeg(-1.0), options=JPEGOptions,
+             summary="Negative JPEG size in kB (DDPO): rewards simple, compressible images.")
+    register("jpeg-incompressibility", _jpeg(+1.0), options=JPEGOptions,
+             summary="JPEG size in kB (DDPO): rewards detailed, hard-to-compress images.")
+    register("brightness", _brightness, options=BrightnessOptions,
+             summary="Mean luma of the image in [0, 1].")
+    register("colour-match", _colour_match, options=ColourMatchOptions,
+             summary="Share of the image in the colour the prompt names ('a red square'), in [0, 1].")

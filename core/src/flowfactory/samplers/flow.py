@@ -1,0 +1,142 @@
+"""Euler ODE and Flow-GRPO SDE samplers for rectified-flow policies.
+
+Convention: x_sigma = (1 - sigma) x_0 + sigma * eps, the policy predicts v = eps - x_0, and an ODE step is
+x_next = x + (sigma_next - sigma) v.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+from flowfactory.types import Conditioning, Policy, StepDistribution, Trajectory
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def randn_per_sample(shape: tuple[int, ...], generators: list[torch.Generator], device=None,
+                     dtype=torch.float32) -> torch.Tensor:
+    """Standard normal [len(generators), *shape], each row from its own generator.
+
+    Rows depend only on their generator, so a sample draws the same noise whatever batch or process
+    it lands in.
+    """
+    rows = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) averaged over all but the batch dim, in float32 (Flow-GRPO's reduction)."""
+    x, mean = x.float(), mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
+
+
+class _BaseSampler:
+    steps: int
+
+    def stochastic_mask(self, epoch: int) -> torch.Tensor:
+        return torch.zeros(self.steps, dtype=torch.bool)
+
+    def step_distribution(self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int,
+                          cond: Conditioning, stochastic: bool = True) -> StepDistribution:
+        raise NotImplementedError  # pragma: no cover - each sampler defines it
+
+    @torch.no_grad()
+    def rollout(self, policy: Policy, cond: Conditioning, noise: torch.Tensor,
+                generators: list[torch.Generator], *, keep: Literal["steps", "final"] = "steps",
+                deterministic: bool = False, epoch: int = 0) -> Trajectory:
+        sigmas = policy.sigmas(self.steps).to(torch.float32).cpu()
+        mask = torch.zeros(self.steps, dtype=torch.bool) if deterministic else self.stochastic_mask(epoch)
+        x = noise
+        states = [x] if keep == "steps" else None
+        log_probs = torch.zeros(x.shape[0], self.steps, dtype=torch.float32, device=x.device) if keep == "steps" else None
+        for i in range(self.steps):
+            dist = self.step_distribution(policy, x, sigmas, i, cond, stochastic=bool(mask[i]))
+            if mask[i]:
+                eps = randn_per_sample(tuple(x.shape[1:]), generators, device=x.device, dtype=torch.float32)
+                x_next = (dist.mean.float() + dist.std * eps).to(x.dtype)
+                if log_probs is not None:
+                    log_probs[:, i] = gaussian_log_prob(x_next, dist.mean, dist.std)
+            else:
+                x_next = dist.mean.to(x.dtype)
+            x = x_next
+            if states is not None:
+                states.append(x)
+        latents = torch.stack(states, dim=1) if states is not None else None
+        return Trajectory(sigmas=sigmas, stochastic=mask, final=x, latents=latents, log_probs=log_probs)
+
+    def log_prob(self, policy: Policy, trajectory: Trajectory, step: int, cond: Conditioning) -> StepDistribution:
+        if trajectory.latents is None:
+            raise ValueError("this trajectory kept no per-step latents (keep='final'); log-probs need keep='steps'")
+        x = trajectory.latents[:, step]
+        x_next = trajectory.latents[:, step + 1]
+        dist = self.step_distribution(policy, x, trajectory.sigmas, step, cond, stochastic=True)
+        dist.log_prob = gaussian_log_prob(x_next, dist.mean, dist.std)
+        return dist
+
+
+class ODESampler(_BaseSampler):
+    """Deterministic Euler integration; every step has std 0 and no log-prob."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def step_distribution(self, policy, x, sigmas, i, cond, stochastic=True):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = policy.velocity(x, _sigma_batch(sigma, x), cond)
+        mean = x.float() + (sigma_next - sigma) * v.float()
+        return StepDistribution(mean=mean, std=torch.zeros((), device=x.device))
+
+    def log_prob(self, policy, trajectory, step, cond):
+        raise ValueError("the `ode` sampler is deterministic and has no log-probabilities; use `flow-sde` "
+                         "for algorithms that need them (grpo)")
+
+
+class FlowSDESampler(_BaseSampler):
+    """Flow-GRPO's SDE: the reverse-time SDE with the same marginals as the flow ODE.
+
+    std_t = a * sqrt(sigma / (1 - sigma))  (sigma = 1 uses the schedule's second sigma in the denominator)
+    mean  = x (1 + std_t^2 / (2 sigma) dt) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,   dt = sigma_next - sigma < 0
+    x_next = mean + std_t sqrt(-dt) eps
+    """
+
+    def __init__(self, options, seed: int = 0):
+        self.options = options
+        self.steps = options.steps
+        self.noise_level = options.noise_level
+        self.seed = seed
+
+    def stochastic_mask(self, epoch: int) -> torch.Tensor:
+        o = self.options
+        last = self.steps - (1 if o.deterministic_last_step else 0)
+        mask = torch.zeros(self.steps, dtype=torch.bool)
+        if o.sde_window_size is None:
+            mask[:last] = True
+            return mask
+        lo, hi = o.sde_window_range or (0, max(1, min(self.steps // 2, last - o.sde_window_size + 1)))
+        rng = np.random.default_rng([self.seed, epoch, 7919])
+        start = int(rng.integers(lo, hi))
+        mask[start:start + o.sde_window_size] = True
+        return mask
+
+    def step_distribution(self, policy, x, sigmas, i, cond, stochastic=True):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = policy.velocity(x, _sigma_batch(sigma, x), cond).float()
+        xf = x.float()
+        dt = sigma_next - sigma
+        if not stochastic:
+            return StepDistribution(mean=xf + dt * v, std=torch.zeros((), device=x.device))
+        denom_sigma = float(sigmas[1]) if sigma >= 1.0 else sigma
+        std_t = math.sqrt(sigma / (1.0 - denom_sigma)) * self.noise_level
+        mean = xf * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+        std = torch.tensor(std_t * math.sqrt(-dt), device=x.device, dtype=torch.float32)
+        return StepDistribution(mean=mean, std=std)

@@ -1,0 +1,212 @@
+"""The four roles as protocols, and the data that flows between them.
+
+Tensors are batch-first. Conditioning is a dict of batch-first tensors made by `Policy.encode`; the core
+selects rows of it for micro-batches and never looks inside.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+Conditioning = dict  # dict[str, torch.Tensor], every value batch-first
+
+
+def select_rows(cond: Conditioning, idx: Any) -> Conditioning:
+    """Rows `idx` (a slice, index tensor or list) of every tensor of a conditioning dict."""
+    return {k: v[idx] for k, v in cond.items()}
+
+
+@dataclass
+class Trajectory:
+    """One batch of rollouts from noise (sigma=1) to data (sigma=0).
+
+    sigmas: [S+1] descending, sigmas[0] = 1 (or the policy's first), sigmas[S] = 0.
+    stochastic: [S] bool, which steps were sampled with noise (an SDE step with a log-prob).
+    latents: [B, S+1, *latent] every state x_0 (noise) .. x_S (data), or None when not kept.
+    log_probs: [B, S] float32 Gaussian log-probability of x_{i+1} given x_i at stochastic steps (0
+        elsewhere), or None when not kept.
+    final: [B, *latent] the last state.
+    """
+
+    sigmas: torch.Tensor
+    stochastic: torch.Tensor
+    final: torch.Tensor
+    latents: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.final.shape[0])
+
+    def select(self, idx: Any) -> Trajectory:
+        """The rollouts at batch rows `idx`."""
+        return replace(
+            self,
+            final=self.final[idx],
+            latents=None if self.latents is None else self.latents[idx],
+            log_probs=None if self.log_probs is None else self.log_probs[idx],
+        )
+
+    def stochastic_steps(self) -> list[int]:
+        return [int(i) for i in self.stochastic.nonzero().flatten().tolist()]
+
+    def to(self, device: Any) -> Trajectory:
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Trajectory(**{k: (v.to(device) if v is not None else None) for k, v in kw.items()})
+
+
+@dataclass
+class StepDistribution:
+    """The Gaussian of one sampler step: x_next ~ N(mean, std^2) elementwise.
+
+    std is 0 for a deterministic step. log_prob: [B] float32, summed over latent dims (Flow-GRPO averages
+    over dims; see the sampler's `log_prob_reduction`)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor | None = None
+
+
+@dataclass
+class Samples:
+    """What a reward sees.
+
+    images: [B, C, H, W] float in [0, 1] for image models; videos: [B, T, C, H, W] in [0, 1] for video
+    models (exactly one of the two is set). group_ids: [B] ints, rows with equal ids share a prompt.
+    """
+
+    prompts: list[str]
+    images: torch.Tensor | None = None
+    videos: torch.Tensor | None = None
+    group_ids: list[int] = field(default_factory=list)
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A trainable flow-matching model with its frozen encoders and decoder.
+
+    Convention: x_sigma = (1 - sigma) * x_data + sigma * noise and the velocity is d x / d sigma's
+    negative direction used by FlowMatchEuler: x_{next} = x + (sigma_next - sigma) * v, v ~ noise - data.
+    """
+
+    module: Any  # the trainable torch.nn.Module; the loop may replace it with its Accelerate-wrapped self
+    fsdp_block_classes: tuple[type, ...]  # the transformer block classes FSDP wraps
+    latent_shape: tuple[int, ...]  # per-sample shape of x as the sampler sees it (packed for FLUX)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Frozen text conditioning for `prompts` (no grad), batch-first tensors."""
+
+    def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """Initial noise [len(generators), *latent_shape], one generator per sample."""
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """[steps + 1] descending sigmas ending at 0, with the model's own shift."""
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Predicted velocity for x at noise level sigma ([B] or scalar), CFG/guidance inside."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents to images [B, C, H, W] (or videos [B, T, C, H, W]) in [0, 1], float32."""
+
+    def trainable_parameters(self) -> list[Any]:
+        """The parameters the RL optimizer updates (LoRA weights, or the whole transformer)."""
+
+    def reference(self) -> AbstractContextManager[None]:
+        """Inside this context `velocity` is the reference (pre-training) policy, under no grad."""
+
+    def save(self, directory: str) -> None:
+        """Write the trained weights in diffusers / peft format."""
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Integrates from noise to data with a policy's velocity."""
+
+    steps: int
+
+    def rollout(
+        self,
+        policy: Policy,
+        cond: Conditioning,
+        noise: torch.Tensor,
+        generators: list[torch.Generator],
+        *,
+        keep: Literal["steps", "final"] = "steps",
+        deterministic: bool = False,
+        epoch: int = 0,
+    ) -> Trajectory:
+        """Sample under no grad. deterministic=True integrates the ODE (eval)."""
+
+    def step_distribution(
+        self, policy: Policy, x: torch.Tensor, sigma: float, sigma_next: float, cond: Conditioning,
+        stochastic: bool = True,
+    ) -> StepDistribution:
+        """The distribution of the next state given x, from the policy's velocity (with grad)."""
+
+    def log_prob(
+        self, policy: Policy, trajectory: Trajectory, step: int, cond: Conditioning
+    ) -> StepDistribution:
+        """Recompute step `step`'s distribution and log-prob of the stored next state, with grad."""
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Scores decoded samples; higher is better. Returns float32 [B] on CPU or the samples' device."""
+
+    groupwise: ClassVar[bool]  # True: score() receives whole groups and may compare within them
+    handles_video: ClassVar[bool]  # False: core scores videos as the mean over frames
+
+    def score(self, samples: Samples) -> torch.Tensor: ...
+
+
+@dataclass
+class Requirements:
+    """What the loop must keep from each rollout for an algorithm."""
+
+    keep: Literal["steps", "final"] = "steps"  # per-step latents and log-probs, or final latents only
+    stochastic: bool = True  # SDE rollout (True) or deterministic ODE rollout (False)
+
+
+@dataclass
+class LossOutput:
+    """Per-sample loss [B] (the loop averages over the whole optimizer step), and metrics.
+
+    metrics: name -> scalar tensor, averaged over micro-batches. max_metrics: name -> scalar tensor,
+    reduced by max (e.g. `logprob/agreement`)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+    max_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainBatch:
+    """A micro-batch handed to a policy optimizer."""
+
+    trajectory: Trajectory
+    cond: Conditioning
+    advantages: torch.Tensor  # [B] float32
+    fresh: bool  # True while the policy still equals the one that sampled (first update of the epoch)
+
+
+@runtime_checkable
+class PolicyOptimizer(Protocol):
+    """An RL algorithm: declares what rollouts keep, and computes a micro-batch loss."""
+
+    requirements: Requirements
+
+    def setup(self, policy: Policy, sampler: Sampler) -> None:
+        """Check compatibility with the sampler and policy; raise FlowFactoryError if not."""
+
+    def units(self, batch: TrainBatch) -> list[Any]:
+        """Work units of one micro-batch, each its own forward/backward (e.g. GRPO's trained steps)."""
+
+    def loss(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: Any) -> LossOutput: ...

@@ -1,0 +1,1 @@
+"""FLUX.1 policy plugin (placeholder module until the policy lands)."""

@@ -1,0 +1,1 @@
+"""Flow-GRPO optimizer plugin."""
