@@ -126,6 +126,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             continue
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            problems.append(("--set " + item, "the key has an empty part; write it like train.epochs=5"))
+            continue
         node: Any = data
         try:
             for p in parts[:-1]:
@@ -148,9 +151,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
-        raise FlowFactoryError(f"{p}: no such config file")
+        raise FlowFactoryError(f"{p}: no such config file; check the path")
+    if not p.is_file():
+        raise FlowFactoryError(f"{p}: is not a file; give the path of a YAML run config")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlowFactoryError(f"{p}: cannot be read ({exc}); it must be a readable UTF-8 YAML file") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(str(p), [("", f"not valid YAML: {exc}")]) from exc
     if not isinstance(data, dict):

@@ -56,6 +56,27 @@ def _hook_names(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
     return sorted(hc.name for hc in pm.get_hookcallers(plugin) or [])
 
 
+def _where(exc: BaseException) -> str:
+    """' (at file:line)' of the innermost frame of a failure, so a one-line message still points at it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+def _unknown_hook_message(pm: pluggy.PluginManager, plugin: Any, info: PluginInfo | None) -> str:
+    """Name the package and the misspelled hook, and suggest the closest real hook name."""
+    import difflib
+
+    known = sorted(n for n in vars(hookspecs) if n.startswith("register_"))
+    unknown = sorted(hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec())
+    who = f"plugin {info.name!r} from {info.package} {info.version}" if info else f"plugin {plugin!r}"
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"{who} implements unknown hook {', '.join(parts)}. Check its spelling: the hooks of "
+            f"flowfactory are {', '.join(known)}.")
+
+
 def load(
     *,
     entry_points: bool = True,
@@ -96,10 +117,11 @@ def load(
                 info.error = f"{type(exc).__name__}: {exc}"
                 infos.append(info)
                 if strict:
+                    # One line naming where it failed; the full traceback stays on the chained exception.
                     raise PluginError(
-                        f"plugin {ep.name!r} from {package} {version} failed to load: {info.error}\n"
-                        f"{traceback.format_exc()}"
-                        "Fix or uninstall that package (FLOWFACTORY_STRICT_PLUGINS=1 makes this an error)."
+                        f"plugin {ep.name!r} from {package} {version} failed to load: {info.error}"
+                        f"{_where(exc)}. Fix or uninstall that package "
+                        "(FLOWFACTORY_STRICT_PLUGINS=1 makes this an error)."
                     ) from exc
 
     for obj, package, version in extra_plugins or []:
@@ -108,8 +130,7 @@ def load(
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"{exc}. A hook implementation names no hook of flowfactory: check its spelling "
-                          f"against `flowfactory.hookspecs`.") from exc
+        raise PluginError(_unknown_hook_message(pm, exc.plugin, owners.get(id(exc.plugin)))) from exc
 
     registry = Registry()
     for kind, hook in HOOK_FOR_KIND.items():

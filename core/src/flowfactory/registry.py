@@ -90,15 +90,19 @@ class Registry:
             opts = options or NoOptions
             if not (isinstance(opts, type) and issubclass(opts, BaseModel)):
                 raise PluginError(f"{package}: {kind} {name!r} options must be a pydantic model class")
-            self.add(ComponentSpec(kind, name, build, opts, summary.strip().splitlines()[0] if summary else "",
-                                   package, version))
+            first_line = (summary.strip().splitlines() or [""])[0] if summary else ""
+            self.add(ComponentSpec(kind, name, build, opts, first_line, package, version))
 
         return register
 
-    def get(self, kind: str, name: str) -> ComponentSpec:
+    def _kind(self, kind: str) -> dict[str, ComponentSpec]:
         specs = self._specs.get(kind)
         if specs is None:
             raise UnknownComponentError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+        return specs
+
+    def get(self, kind: str, name: str) -> ComponentSpec:
+        specs = self._kind(kind)
         if name in specs:
             return specs[name]
         raise UnknownComponentError(self.unknown_message(kind, name))
@@ -112,8 +116,8 @@ class Registry:
                 f"`ff list {kind}` shows them; a missing one may need its package installed.")
 
     def names(self, kind: str) -> list[str]:
-        return sorted(self._specs[kind])
+        return sorted(self._kind(kind))
 
     def specs(self, kind: str | None = None) -> list[ComponentSpec]:
         kinds = [kind] if kind else list(KINDS)
-        return [self._specs[k][n] for k in kinds for n in sorted(self._specs[k])]
+        return [spec for k in kinds for _, spec in sorted(self._kind(k).items())]

@@ -145,11 +145,14 @@ class Sampler(Protocol):
     ) -> Trajectory:
         """Sample under no grad. deterministic=True integrates the ODE (eval)."""
 
+    stochastic: bool  # capability: False for a purely deterministic (ODE) sampler without log-probs
+
     def step_distribution(
-        self, policy: Policy, x: torch.Tensor, sigma: float, sigma_next: float, cond: Conditioning,
+        self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int, cond: Conditioning,
         stochastic: bool = True,
     ) -> StepDistribution:
-        """The distribution of the next state given x, from the policy's velocity (with grad)."""
+        """The distribution of x_{i+1} given x = x_i on the schedule `sigmas`, from the policy's velocity
+        (with grad). stochastic=False gives the deterministic (ODE) step with std 0."""
 
     def log_prob(
         self, policy: Policy, trajectory: Trajectory, step: int, cond: Conditioning

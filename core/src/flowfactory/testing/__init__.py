@@ -1,0 +1,1 @@
+"""Public test helpers for plugin authors: contract suites and tiny builders."""

@@ -1,0 +1,80 @@
+"""What a run leaves to look at: metrics.jsonl, tensorboard, PNG sample grids with captions."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsLog:
+    """One JSON object per epoch in metrics.jsonl, mirrored to tensorboard when available and enabled."""
+
+    def __init__(self, out: Path, tensorboard: bool, resume_epoch: int | None):
+        self.path = out / "metrics.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            keep = []
+            for ln in self.path.read_text().splitlines():
+                row = json.loads(ln)
+                if resume_epoch is not None and row.get("epoch", 0) <= resume_epoch:
+                    keep.append(row)
+            self.rows = keep
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def save_grid(images: torch.Tensor, captions: list[str], path: Path, columns: int = 4, cell: int = 128) -> None:
+    """A PNG grid of images [N, C, H, W] (or videos [N, T, C, H, W]: frames side by side) with captions."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if images.ndim == 5:  # videos: up to 4 evenly spaced frames per row cell
+        t = images.shape[1]
+        idx = torch.linspace(0, t - 1, min(t, 4)).round().long()
+        images = torch.cat(list(images[:, idx].unbind(1)), dim=3)
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    n = len(arr)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    h, w = arr.shape[1], arr.shape[2]
+    scale = max(1, cell // max(h, 1))
+    cw, ch = w * scale, h * scale
+    cap_h = 28
+    grid = Image.new("RGB", (cols * cw, rows * (ch + cap_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for i, a in enumerate(arr):
+        img = Image.fromarray(a if a.shape[2] != 1 else a[:, :, 0]).convert("RGB").resize((cw, ch), Image.NEAREST)
+        x, y = (i % cols) * cw, (i // cols) * (ch + cap_h)
+        grid.paste(img, (x, y))
+        text = captions[i] if i < len(captions) else ""
+        max_chars = max(8, cw // 6)
+        lines = [text[j:j + max_chars] for j in range(0, min(len(text), 2 * max_chars), max_chars)]
+        for k, ln in enumerate(lines):
+            draw.text((x + 2, y + ch + 2 + 12 * k), ln, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
