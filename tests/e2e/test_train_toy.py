@@ -1,0 +1,170 @@
+"""End-to-end training on the toy policy: learning, agreement, outputs, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowfactory.config import load
+from flowfactory.errors import FlowFactoryError, RewardError
+from flowfactory.train import run
+
+HERE = Path(__file__).parent
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "final" / "toy.pt")
+
+
+def train(path: Path, out: Path, overrides: list[str] | None = None, resume: bool = False):
+    cfg, options = load(path, overrides)
+    return run(cfg, options, output_dir=str(out), resume=resume, show_progress=False)
+
+
+def test_reward_rises_and_outputs_are_written(toy_registry, toy_config, tmp_path):
+    out = tmp_path / "run"
+    summary = train(toy_config(), out)
+    log = rows(out)
+    assert [r["epoch"] for r in log] == list(range(1, 21))
+    assert summary.reward_last > summary.reward_first + 0.15
+    first5 = sum(r["reward/mean"] for r in log[:5]) / 5
+    assert summary.reward_first == pytest.approx(first5)
+    for r in log:
+        assert {"epoch", "reward/mean", "reward/brightness/mean", "loss", "logprob/agreement"} <= set(r)
+        assert r["logprob/agreement"] < 1e-5  # sampling and training log-probs agree in float32
+    assert "eval/reward/mean" in log[4] and "eval/reward/mean" not in log[3]
+    assert (out / "final" / "toy.pt").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000015", "000020"]  # keep=2
+    assert (out / "samples" / "train-000005.png").is_file() and (out / "samples" / "eval-000020.png").is_file()
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_deterministic_for_a_seed(toy_registry, toy_config, tmp_path):
+    path = toy_config(train={"epochs": 3, "checkpoint_every": 0, "eval_every": 0, "sample_every": 0})
+    train(path, tmp_path / "a")
+    train(path, tmp_path / "b")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows(tmp_path / "a")[-1]["reward/mean"] == rows(tmp_path / "b")[-1]["reward/mean"]
+
+
+def test_micro_batch_size_does_not_change_the_update(toy_registry, toy_config, tmp_path):
+    path = toy_config(train={"epochs": 2, "checkpoint_every": 0, "eval_every": 0, "sample_every": 0})
+    train(path, tmp_path / "a", ["train.micro_batch_size=16"])
+    train(path, tmp_path / "b", ["train.micro_batch_size=4"])
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:  # float32 summation order differs; Adam can turn that into ~1e-6 of a 3e-3 step
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_extends_and_equals_uninterrupted(toy_registry, toy_config, tmp_path):
+    path = toy_config(train={"epochs": 10, "eval_every": 0, "sample_every": 0, "checkpoint_every": 3})
+    train(path, tmp_path / "full")
+    train(path, tmp_path / "split", ["train.epochs=6"])
+    summary = train(path, tmp_path / "split", resume=True)
+    assert summary.resumed_from == 6
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in rows(tmp_path / "split")] == list(range(1, 11))
+
+
+def test_existing_run_is_not_overwritten(toy_registry, toy_config, tmp_path):
+    path = toy_config(train={"epochs": 1, "eval_every": 0, "sample_every": 0})
+    train(path, tmp_path / "r")
+    with pytest.raises(FlowFactoryError, match="already holds a run.*--resume"):
+        train(path, tmp_path / "r")
+
+
+def test_resume_refuses_a_changed_config(toy_registry, toy_config, tmp_path):
+    path = toy_config(train={"epochs": 2, "eval_every": 0, "sample_every": 0, "checkpoint_every": 1})
+    train(path, tmp_path / "r")
+    with pytest.raises(FlowFactoryError, match=r"config changed at train\.lr"):
+        train(path, tmp_path / "r", ["train.lr=0.1", "train.epochs=4"], resume=True)
+
+
+class FailingReward:
+    """Brightness until `fail_at` calls, then an exception (a remote judge going down)."""
+
+    groupwise = False
+    handles_video = False
+
+    def __init__(self, fail_at: int):
+        self.calls, self.fail_at = 0, fail_at
+
+    def score(self, samples):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise ConnectionError("judge unreachable")
+        return samples.images.mean(dim=(1, 2, 3))
+
+
+def test_failing_reward_stops_before_any_update_and_keeps_the_last_epoch(toy_registry, toy_config, tmp_path, monkeypatch):
+    from flowfactory.registry import ComponentSpec, NoOptions
+
+    failing = FailingReward(fail_at=3)  # epochs 1 and 2 score fine; epoch 3 fails
+    toy_registry._specs["reward"]["flaky"] = ComponentSpec("reward", "flaky", lambda o, c: failing, NoOptions,
+                                                           "flaky", "tests", "0")
+    path = toy_config(rewards=[{"name": "flaky"}],
+                      train={"epochs": 5, "eval_every": 0, "sample_every": 0, "checkpoint_every": 10})
+    with pytest.raises(RewardError, match="flaky.*ConnectionError.*judge unreachable.*--resume"):
+        train(path, tmp_path / "r")
+    ckpts = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert ckpts == ["000002"]  # the last complete epoch was saved on the way out
+    # the saved weights are exactly those of a clean 2-epoch run
+    failing.calls, failing.fail_at = 0, 100
+    train(path, tmp_path / "two", ["train.epochs=2"])
+    state = torch.load(tmp_path / "r" / "checkpoints" / "000002" / "state.pt", weights_only=False)
+    two = weights(tmp_path / "two")
+    assert all(torch.equal(p, v) for p, v in zip(state["params"], two.values()))
+
+
+def test_resume_after_kill_9_equals_uninterrupted(toy_registry, toy_config, tmp_path):
+    """A run killed with SIGKILL mid-run, resumed with --resume, ends with the uninterrupted weights."""
+    path = toy_config(train={"epochs": 80, "eval_every": 0, "sample_every": 0, "checkpoint_every": 2,
+                             "keep_checkpoints": 100})
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(HERE / "run_toy.py"), str(path), str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "FLOWFACTORY_STRICT_PLUGINS": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "000006").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(rows(out))
+    assert done < 80 and not (out / "final").exists()
+    subprocess.run(cmd + ["--resume"], check=True, env={**os.environ, "FLOWFACTORY_STRICT_PLUGINS": "1"})
+    train(path, tmp_path / "whole")
+    a, b = weights(tmp_path / "whole"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in rows(out)] == list(range(1, 81))
+
+
+def test_two_processes_equal_one_process(toy_registry, toy_config, tmp_path):
+    """2 CPU processes (gloo) with the same global batch end with the 1-process weights."""
+    path = toy_config(train={"epochs": 4, "eval_every": 2, "sample_every": 0, "checkpoint_every": 0})
+    train(path, tmp_path / "one")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "FLOWFACTORY_STRICT_PLUGINS": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29517", str(HERE / "run_toy.py"), str(path), str(tmp_path / "two")],
+                   check=True, env=env, timeout=300)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:  # equal up to float32 summation order (Adam steps are 3e-3)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    r1, r2 = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["reward/mean"] for r in r1] == pytest.approx([r["reward/mean"] for r in r2], abs=1e-5)
+    assert r1[1]["eval/reward/mean"] == pytest.approx(r2[1]["eval/reward/mean"], abs=1e-5)
