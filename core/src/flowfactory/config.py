@@ -7,8 +7,9 @@ model, and every problem in a file is reported at once with its location.
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,6 +24,11 @@ class _Strict(BaseModel):
 class ComponentConfig(_Strict):
     name: str = Field(description="Registered component name (`ff list` shows them).")
     options: dict[str, Any] = Field(default_factory=dict, description="Validated by the component's own model.")
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _null_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
 
 
 class RewardConfig(ComponentConfig):
@@ -94,14 +100,52 @@ def _loc(parts: tuple[Any, ...]) -> str:
     return out
 
 
-def _pydantic_problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+def _model_at(model: type[BaseModel] | None, path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the key at `path` inside `model` (list indexes skipped), if any."""
+    for part in path:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        model = _first_model(field.annotation)
+    return model
+
+
+def _first_model(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in get_args(tp):  # Optional[M], list[M], dict[str, M]
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_key_message(model: type[BaseModel] | None, loc: tuple[Any, ...], listing: str) -> str:
+    """'unknown key; did you mean ...?' with the closest valid key of the model that holds it."""
+    msg = "unknown key; remove it or check its spelling"
+    holder = _model_at(model, loc[:-1]) if loc else None
+    if holder is not None and isinstance(loc[-1], str):
+        close = difflib.get_close_matches(loc[-1], list(holder.model_fields), n=1, cutoff=0.6)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
+    return msg + (f"; {listing}" if listing else "")
+
+
+def _pydantic_problems(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None,
+                       listing: str = "") -> list[tuple[str, str]]:
+    """(location, message) for every error; `model` is the validated model (for spelling suggestions) and
+    `listing` says where its valid keys are listed."""
     probs = []
     for e in err.errors():
         loc = _loc(tuple(e["loc"]))
         loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling (`ff show` lists the options)"
+            msg = _unknown_key_message(model, tuple(e["loc"]), listing)
         elif e["type"] == "missing":
             msg = "required key is missing"
         probs.append((loc, msg))
@@ -181,7 +225,7 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
-        problems += _pydantic_problems(exc)
+        problems += _pydantic_problems(exc, model=RunConfig)
         cfg = None
 
     # Component options are checked even when the top level has problems, so one pass shows all.
@@ -208,7 +252,8 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
         try:
             options[key] = spec.validate_options(raw)
         except ValidationError as exc:
-            problems += _pydantic_problems(exc, prefix=f"{key}.options")
+            problems += _pydantic_problems(exc, prefix=f"{key}.options", model=spec.options,
+                                           listing=f"`ff show {kind} {name}` lists the options")
 
     if cfg is not None and not problems:
         problems += _cross_checks(cfg)

@@ -41,6 +41,15 @@ class PluginState:
     def errors(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.error]
 
+    def info_for(self, plugin_name: str) -> PluginInfo | None:
+        """The PluginInfo of a plugin by its plugin-manager name (`HookImpl.plugin_name`)."""
+        return next((p for p in self.plugins if _pm_name(p) == plugin_name), None)
+
+
+def _pm_name(info: PluginInfo) -> str:
+    """The name a plugin is registered under in the plugin manager: `package:entry-point`."""
+    return f"{info.package}:{info.name}"
+
 
 def strict_default() -> bool:
     return os.environ.get("FLOWFACTORY_STRICT_PLUGINS", "").lower() in ("1", "true", "yes")
@@ -95,7 +104,7 @@ def load(
     owners: dict[int, PluginInfo] = {}
 
     def _add(obj: Any, info: PluginInfo) -> None:
-        pm.register(obj, name=f"{info.package}:{info.name}")
+        pm.register(obj, name=_pm_name(info))
         info.hooks = _hook_names(pm, obj)
         owners[id(obj)] = info
         infos.append(info)

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict
 from flowfactory.errors import PluginError, UnknownComponentError
 
 KINDS: tuple[str, ...] = ("policy", "sampler", "reward", "optimizer")
+KIND_PLURALS: dict[str, str] = {
+    "policy": "policies", "sampler": "samplers", "reward": "rewards", "optimizer": "optimizers"}
 HOOK_FOR_KIND: dict[str, str] = {
     "policy": "register_policies",
     "sampler": "register_samplers",
@@ -112,7 +114,8 @@ class Registry:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         installed = ", ".join(names) if names else "none"
-        return (f"no {kind} named {name!r} is installed.{hint} Installed {kind}s: {installed}. "
+        return (f"no {kind} named {name!r} is installed.{hint} Installed {KIND_PLURALS.get(kind, kind + 's')}: "
+                f"{installed}. "
                 f"`ff list {kind}` shows them; a missing one may need its package installed.")
 
     def names(self, kind: str) -> list[str]:

@@ -113,7 +113,8 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
 
 
 def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = None, resume: bool = False,
-        source: str = "<config>", show_progress: bool = True) -> RunSummary:
+        source: str = "<config>", show_progress: bool = True, registry: Any = None) -> RunSummary:
+    """Train; `registry` defaults to the process-wide one (`flowfactory.plugins.get_registry()`)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -154,7 +155,7 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
 
     # --- components, built from the registry ------------------------------------------------------------
     set_seed(cfg.seed)
-    registry = get_registry()
+    registry = registry if registry is not None else get_registry()
     ctx = BuildContext(seed=cfg.seed, device=accelerator.device, output_dir=str(out))
     policy = registry.get("policy", cfg.policy.name).create(options["policy"], ctx)
     sampler = registry.get("sampler", cfg.sampler.name).create(options["sampler"], ctx)
@@ -189,6 +190,10 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         start_epoch = meta["epoch"]
+        if start_epoch >= t.epochs:
+            raise FlowFactoryError(
+                f"{source}: {out} already trained {start_epoch} epochs; to continue, raise train.epochs above "
+                f"{start_epoch} (e.g. --set train.epochs={start_epoch + 10}).")
     log = MetricsLog(out, t.tensorboard, start_epoch) if main else None
 
     def save_checkpoint(epoch: int) -> None:

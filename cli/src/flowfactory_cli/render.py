@@ -1,0 +1,132 @@
+"""Tables and panels of `ff`: the data is computed elsewhere; this module only lays it out.
+
+Each `*_records` function returns the JSON-ready rows a `--json` flag prints; the table of the same
+command is drawn from those rows, so both outputs always agree.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from flowfactory_cli.describe import OptionRow
+
+if TYPE_CHECKING:
+    from flowfactory.config import RunConfig
+    from flowfactory.plugins import PluginInfo
+    from flowfactory.registry import ComponentSpec, Registry
+
+
+def component_records(specs: list[ComponentSpec]) -> list[dict[str, str]]:
+    return [{"kind": s.kind, "name": s.name, "package": s.package, "version": s.version, "summary": s.summary}
+            for s in specs]
+
+
+def components_table(records: list[dict[str, str]]) -> Table:
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("kind", "name", "package", "version"):
+        table.add_column(col, no_wrap=True, style="bold" if col == "name" else None)
+    table.add_column("summary", overflow="fold")
+    for r in records:
+        table.add_row(*(escape(r[c]) for c in ("kind", "name", "package", "version", "summary")))
+    return table
+
+
+def plugin_records(plugins: list[PluginInfo]) -> list[dict[str, Any]]:
+    return [{"name": p.name, "package": p.package, "version": p.version, "hooks": list(p.hooks),
+             "error": p.error} for p in plugins]
+
+
+def plugins_table(records: list[dict[str, Any]]) -> Table:
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("name", "package", "version"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("hooks", overflow="fold")
+    table.add_column("status", overflow="fold")
+    for r in records:
+        status = f"[red]failed: {escape(r['error'])}[/]" if r["error"] else "[green]ok[/]"
+        table.add_row(escape(r["name"]), escape(r["package"]), escape(r["version"]),
+                      escape(", ".join(r["hooks"]) or "-"), status)
+    return table
+
+
+def component_record(spec: ComponentSpec, rows: list[OptionRow]) -> dict[str, Any]:
+    return {"kind": spec.kind, "name": spec.name, "package": spec.package, "version": spec.version,
+            "summary": spec.summary, "options": [r.as_dict() for r in rows]}
+
+
+def print_component(console: Console, spec: ComponentSpec, rows: list[OptionRow]) -> None:
+    """`ff show`: header lines, then the options table (or a note that there are none)."""
+    console.print(f"[bold]{escape(spec.name)}[/] ({spec.kind}) from {escape(spec.package)} {escape(spec.version)}")
+    if spec.summary:
+        console.print(escape(spec.summary))
+    console.print()
+    if not rows:
+        console.print("No options.")
+        return
+    table = Table(title="options", title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("type", overflow="fold")
+    table.add_column("default", overflow="fold")
+    table.add_column("description", overflow="fold")
+    for r in rows:
+        default = "[red]required[/]" if r.required else escape(r.default)
+        table.add_row(escape(r.name), escape(r.type), default, escape(r.description))
+    console.print(table)
+
+
+def _component_line(registry: Registry, kind: str, name: str) -> str:
+    spec = registry.get(kind, name)
+    return f"{escape(name)} [dim]({escape(spec.package)} {escape(spec.version)})[/]"
+
+
+def config_summary(cfg: RunConfig, registry: Registry) -> Table:
+    """The few facts that identify a run: components, data, epochs and group size, output folder."""
+    t = cfg.train
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    grid.add_row("name", escape(cfg.name))
+    grid.add_row("policy", _component_line(registry, "policy", cfg.policy.name))
+    grid.add_row("sampler", _component_line(registry, "sampler", cfg.sampler.name))
+    for i, r in enumerate(cfg.rewards):
+        grid.add_row("rewards" if i == 0 else "", f"{_component_line(registry, 'reward', r.name)} weight {r.weight:g}")
+    grid.add_row("optimizer", _component_line(registry, "optimizer", cfg.optimizer.name))
+    grid.add_row("data", f"train {escape(cfg.data.train)}, eval {escape(str(cfg.data.eval or 'off'))}")
+    grid.add_row("epochs", str(t.epochs))
+    grid.add_row("group size", f"{t.group_size} rollouts per prompt, {t.prompts_per_epoch} prompts per epoch "
+                                f"({t.group_size * t.prompts_per_epoch} rollouts per epoch)")
+    grid.add_row("output", escape(cfg.output_dir or f"runs/{cfg.name}"))  # RunConfig.output_dir's default
+    return grid
+
+
+def duration(seconds: float) -> str:
+    """12.3s, 4m 05s, 2h 03m 10s."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def run_summary_panel(summary: Any) -> Panel:
+    """The panel `ff run` ends with, from the loop's RunSummary (any object with its fields)."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    epochs = str(summary.epochs)
+    if summary.resumed_from is not None:
+        epochs += f" (resumed after epoch {summary.resumed_from})"
+    grid.add_row("epochs", epochs)
+    first, last = float(summary.reward_first), float(summary.reward_last)
+    grid.add_row("mean reward", f"{first:.4f} -> {last:.4f} ({last - first:+.4f}), first vs last 5 epochs")
+    grid.add_row("output", escape(str(summary.output_dir)))
+    grid.add_row("final model", escape(str(summary.final_dir)))
+    grid.add_row("metrics", escape(str(summary.metrics_path)))
+    grid.add_row("samples", escape(str(summary.samples_dir)))
+    grid.add_row("wall time", duration(float(summary.wall_seconds)))
+    return Panel(grid, title="run finished", title_align="left", expand=False)
