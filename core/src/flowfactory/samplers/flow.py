@@ -47,9 +47,8 @@ class _BaseSampler:
     def stochastic_mask(self, epoch: int) -> torch.Tensor:
         return torch.zeros(self.steps, dtype=torch.bool)
 
-    def step_distribution(self, policy: Policy, x: torch.Tensor, sigma: float, sigma_next: float,
+    def step_distribution(self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int,
                           cond: Conditioning, stochastic: bool = True) -> StepDistribution:
-        """The Gaussian of the step from noise level `sigma` to `sigma_next` (the `Sampler` protocol)."""
         raise NotImplementedError  # pragma: no cover - each sampler defines it
 
     @torch.no_grad()
@@ -62,8 +61,7 @@ class _BaseSampler:
         states = [x] if keep == "steps" else None
         log_probs = torch.zeros(x.shape[0], self.steps, dtype=torch.float32, device=x.device) if keep == "steps" else None
         for i in range(self.steps):
-            dist = self.step_distribution(policy, x, float(sigmas[i]), float(sigmas[i + 1]), cond,
-                                          stochastic=bool(mask[i]))
+            dist = self.step_distribution(policy, x, sigmas, i, cond, stochastic=bool(mask[i]))
             if mask[i]:
                 eps = randn_per_sample(tuple(x.shape[1:]), generators, device=x.device, dtype=torch.float32)
                 x_next = (dist.mean.float() + dist.std * eps).to(x.dtype)
@@ -82,8 +80,7 @@ class _BaseSampler:
             raise ValueError("this trajectory kept no per-step latents (keep='final'); log-probs need keep='steps'")
         x = trajectory.latents[:, step]
         x_next = trajectory.latents[:, step + 1]
-        sigma, sigma_next = float(trajectory.sigmas[step]), float(trajectory.sigmas[step + 1])
-        dist = self.step_distribution(policy, x, sigma, sigma_next, cond, stochastic=True)
+        dist = self.step_distribution(policy, x, trajectory.sigmas, step, cond, stochastic=True)
         dist.log_prob = gaussian_log_prob(x_next, dist.mean, dist.std)
         return dist
 
@@ -96,7 +93,8 @@ class ODESampler(_BaseSampler):
     def __init__(self, steps: int):
         self.steps = steps
 
-    def step_distribution(self, policy, x, sigma, sigma_next, cond, stochastic=True):
+    def step_distribution(self, policy, x, sigmas, i, cond, stochastic=True):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         v = policy.velocity(x, _sigma_batch(sigma, x), cond)
         mean = x.float() + (sigma_next - sigma) * v.float()
         return StepDistribution(mean=mean, std=torch.zeros((), device=x.device))
@@ -133,15 +131,14 @@ class FlowSDESampler(_BaseSampler):
         mask[start:start + o.sde_window_size] = True
         return mask
 
-    def step_distribution(self, policy, x, sigma, sigma_next, cond, stochastic=True):
+    def step_distribution(self, policy, x, sigmas, i, cond, stochastic=True):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         v = policy.velocity(x, _sigma_batch(sigma, x), cond).float()
         xf = x.float()
         dt = sigma_next - sigma
         if not stochastic:
             return StepDistribution(mean=xf + dt * v, std=torch.zeros((), device=x.device))
-        # At sigma = 1 (only the first step) Flow-GRPO puts the schedule's second sigma, which is this
-        # step's sigma_next, in the denominator, so std_t stays finite.
-        denom_sigma = sigma_next if sigma >= 1.0 else sigma
+        denom_sigma = float(sigmas[1]) if sigma >= 1.0 else sigma
         std_t = math.sqrt(sigma / (1.0 - denom_sigma)) * self.noise_level
         mean = xf * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
         std = torch.tensor(std_t * math.sqrt(-dt), device=x.device, dtype=torch.float32)
