@@ -85,3 +85,19 @@ def test_hook_examples_register_what_they_say(index):
         app = typer.Typer()
         module.register_commands(app)
         assert [c.name for c in app.registered_commands] == ["hello"]
+
+
+def config_fields() -> list[tuple[str, object]]:
+    from flowfactory.config import DataConfig, EMAConfig, RewardConfig, RunConfig, TrainConfig
+
+    out = []
+    for model, prefix in [(RunConfig, ""), (RewardConfig, "rewards[i]."), (DataConfig, "data."),
+                          (TrainConfig, "train."), (EMAConfig, "train.ema.")]:
+        out += [(prefix + name, field) for name, field in model.model_fields.items()]
+    return out
+
+
+@pytest.mark.parametrize("key,field", config_fields(), ids=[k for k, _ in config_fields()])
+def test_every_config_key_is_documented(key, field):
+    assert f"| `{key}` |" in (ROOT / "docs" / "config.md").read_text(), f"docs/config.md lacks a row for `{key}`"
+    assert field.description, f"{key} has no description (ff show and docs/config.md need one)"

@@ -41,8 +41,8 @@ class DataConfig(_Strict):
 
 
 class EMAConfig(_Strict):
-    enabled: bool = False
-    decay: float = Field(0.95, gt=0.0, lt=1.0)
+    enabled: bool = Field(False, description="Keep an EMA of the trainable weights, used for eval and saved as final/ema.")
+    decay: float = Field(0.95, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
 
 
 class TrainConfig(_Strict):
@@ -53,19 +53,20 @@ class TrainConfig(_Strict):
     rollout_batch_size: int = Field(16, ge=1, description="Rollouts sampled at once, per process.")
     steps_per_epoch: int = Field(1, ge=1, description="Optimizer steps the epoch's samples are split into.")
     inner_epochs: int = Field(1, ge=1, description="Passes over the epoch's samples.")
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-8, gt=0)
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping; null disables.")
     adv_std: Literal["group", "global", "none"] = Field("group", description="Std used to scale advantages.")
     adv_clip: float | None = Field(5.0, description="Advantages clipped to [-c, c]; null disables.")
     reward_combine: Literal["sum", "group-normalize"] = Field(
         "sum", description="Weighted sum of rewards, or weighted sum of per-reward group-normalised advantages.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    ema: EMAConfig = Field(default_factory=EMAConfig)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Accelerate autocast for rollouts and losses; bf16 on GPUs that support it.")
+    ema: EMAConfig = Field(default_factory=EMAConfig, description="Exponential moving average of the weights.")
     eval_every: int = Field(10, ge=0, description="Epochs between evals on held-out prompts; 0 disables.")
-    eval_prompts: int = Field(4, ge=1)
+    eval_prompts: int = Field(4, ge=1, description="Held-out prompts used per eval (the first N of data.eval).")
     sample_every: int = Field(10, ge=0, description="Epochs between PNG sample grids; 0 disables.")
     checkpoint_every: int = Field(10, ge=0, description="Epochs between checkpoints; 0 disables.")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
@@ -73,15 +74,15 @@ class TrainConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = "run"
-    seed: int = 0
-    output_dir: str | None = Field(None, description="Defaults to runs/<name>.")
-    policy: ComponentConfig
-    sampler: ComponentConfig
-    rewards: list[RewardConfig] = Field(min_length=1)
-    optimizer: ComponentConfig
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    name: str = Field("run", description="Run name; the default output folder is runs/<name>.")
+    seed: int = Field(0, description="Seeds every random draw, keyed by (seed, epoch, sample index).")
+    output_dir: str | None = Field(None, description="Defaults to runs/<name>; `ff run --output` overrides it.")
+    policy: ComponentConfig = Field(description="The model being trained (`ff list policy`).")
+    sampler: ComponentConfig = Field(description="How rollouts are sampled (`ff list sampler`).")
+    rewards: list[RewardConfig] = Field(min_length=1, description="One or more rewards with weights.")
+    optimizer: ComponentConfig = Field(description="The RL algorithm (`ff list optimizer`).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Train and eval prompts.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The loop's settings.")
 
     @field_validator("rewards")
     @classmethod
