@@ -1,0 +1,142 @@
+"""The flux policy's ODE rollout + decode against diffusers' FluxPipeline.__call__, in the same process.
+
+Both sides start from the same prompts and packed latents, use the same weights (the tiny preset's seed,
+built once for the policy and once, independently, for a stock pipeline; or the same `--model` folder),
+the same steps and size, and include prompt encoding and VAE decoding. Repeats alternate between the two
+sides after one warm-up each, so drift in machine load hits both.
+
+    python benchmarks/rollout.py                          # tiny preset, 10 steps, batch 16, 5 repeats
+    python benchmarks/rollout.py --steps 4 --batch 4 --repeats 3
+    python benchmarks/rollout.py --model /path/to/FluxPipeline-folder --height 512 --width 512
+
+Prints the median seconds of each side, the ratio ours / pipeline (target <= 1.0), the largest absolute
+difference between the two sides' images, and the time of one velocity call at the batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import FluxPipeline
+
+from flowfactory.plugins import load
+from flowfactory.registry import BuildContext
+from flowfactory.samplers.flow import ODESampler
+
+PROMPTS = ["a red square", "a blue circle", "a green car", "a yellow star"]
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10, help="ODE / inference steps")
+    p.add_argument("--batch", type=int, default=16, help="images per rollout")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (after one warm-up)")
+    p.add_argument("--seed", type=int, default=0, help="tiny preset seed, and noise seeds")
+    p.add_argument("--model", default=None, help="a FluxPipeline folder or hub id instead of the tiny preset")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the policy's)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the policy's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--lora", type=int, default=0,
+                   help="LoRA rank of the policy (0: full finetune); adds the adapter's cost to our side only")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    args = parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    options: dict = {"model": args.model} if args.model else {"preset": "tiny"}
+    options["dtype"] = args.dtype
+    if args.lora:  # B starts at zero, so the pipeline side (no adapter) computes the same function
+        options["lora"] = {"rank": args.lora}
+    if args.height:
+        options["height"] = args.height
+    if args.width:
+        options["width"] = args.width
+    spec = load(strict=True).registry.get("policy", "flux")
+    policy = spec.create(options, BuildContext(seed=args.seed, device=device))
+
+    # the stock pipeline in the policy's dtypes (a full finetune keeps its transformer in float32)
+    dtypes = {"transformer": policy.compute_dtype, "default": getattr(torch, args.dtype)}
+    if args.model:
+        pipe = FluxPipeline.from_pretrained(args.model, dtype=dtypes)
+    else:
+        from flowfactory_flux.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(args.seed)
+        for name, part in pipe.components.items():
+            want = dtypes.get(name, dtypes["default"])
+            if isinstance(part, torch.nn.Module) and part.dtype != want:
+                torch.nn.Module.to(part, want)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    gens = [torch.Generator().manual_seed(args.seed * 100_000 + i) for i in range(args.batch)]
+    z = policy.noise(gens)
+    sampler = ODESampler(args.steps)
+
+    def ours() -> torch.Tensor:
+        cond = policy.encode(prompts)
+        traj = sampler.rollout(policy, cond, z, gens, keep="final", deterministic=True)
+        return policy.decode(traj.final)
+
+    def theirs() -> torch.Tensor:
+        return pipe(prompts, height=policy.height, width=policy.width, num_inference_steps=args.steps,
+                    max_sequence_length=policy.max_sequence_length, guidance_scale=policy.guidance_scale,
+                    latents=z.clone(), output_type="pt").images
+
+    times: dict[str, list[float]] = {"ours": [], "pipeline": []}
+    images: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, fn in (("ours", ours), ("pipeline", theirs)):
+            images[name] = fn().float().cpu()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in (("ours", ours), ("pipeline", theirs)):
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+
+        cond = policy.encode(prompts)
+        sigma = torch.full((args.batch,), 0.5, device=device)
+        policy.velocity(z, sigma, cond)
+        calls = []
+        for _ in range(max(3, args.repeats)):
+            sync(device)
+            t0 = time.perf_counter()
+            policy.velocity(z, sigma, cond)
+            sync(device)
+            calls.append(time.perf_counter() - t0)
+
+    base = sum(p.numel() for n, p in policy.transformer.named_parameters() if "lora_" not in n)
+    ours_s, pipe_s = statistics.median(times["ours"]), statistics.median(times["pipeline"])
+    diff = float((images["ours"] - images["pipeline"]).abs().max())
+    print(f"flux rollout benchmark: {'tiny preset' if not args.model else args.model}, "
+          f"{policy.height}x{policy.width}, steps={args.steps}, batch={args.batch}, dtype={args.dtype}, "
+          f"device={device}, torch threads={torch.get_num_threads()}, repeats={args.repeats} (alternating)")
+    print(f"transformer parameters (without LoRA): {base:,}; policy: "
+          f"{f'LoRA rank {args.lora}' if args.lora else 'full finetune'}")
+    print(f"ours     (encode + ODESampler rollout + decode): median {ours_s:.3f} s  "
+          f"[{', '.join(f'{t:.3f}' for t in times['ours'])}]")
+    print(f"pipeline (FluxPipeline.__call__, output_type=pt): median {pipe_s:.3f} s  "
+          f"[{', '.join(f'{t:.3f}' for t in times['pipeline'])}]")
+    print(f"ratio ours / pipeline: {ours_s / pipe_s:.3f}  (target <= 1.0)")
+    print(f"max abs image difference: {diff:.2e}")
+    print(f"one velocity call at batch {args.batch}: median {statistics.median(calls) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
