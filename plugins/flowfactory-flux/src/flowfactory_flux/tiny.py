@@ -46,7 +46,7 @@ class TinyFluxSpec:
     attention_head_dim: int = 32
     axes_dims_rope: tuple[int, int, int] = (8, 12, 12)  # sums to attention_head_dim
     guidance_embeds: bool = False  # True mimics FLUX.1-dev's distilled guidance input
-    latent_channels: int = 1
+    latent_channels: int = 4  # 1 can brighten but not reach most colours through a random decoder
     vae_channels: int = 16  # one block: VAE scale factor 1
     vae_norm_groups: int = 4
     vae_layers_per_block: int = 1
