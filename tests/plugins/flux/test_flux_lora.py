@@ -134,7 +134,7 @@ def test_flow_sde_log_probs_recompute_with_grad(make_policy, gens, perturb) -> N
     sampler = load(strict=True).registry.get("sampler", "flow-sde").create({"steps": 4}, BuildContext(seed=0))
     cond = policy.encode(PROMPTS)
     traj = sampler.rollout(policy, cond, policy.noise(gens(2)), gens(2, offset=10))
-    assert traj.latents is not None and traj.latents.shape == (2, 5, 256, 4)
+    assert traj.latents is not None and traj.latents.shape == (2, 5, 256, 16)
     for step in traj.stochastic_steps():
         dist = sampler.log_prob(policy, traj, step, cond)
         torch.testing.assert_close(dist.log_prob.detach(), traj.log_probs[:, step], atol=1e-4, rtol=0)

@@ -48,7 +48,7 @@ def test_model_path_loads_a_saved_pipeline(make_policy, tiny_dir: Path, gens) ->
 def test_model_defaults_are_flux1s(make_policy, tiny_dir: Path) -> None:
     policy = make_policy(model=str(tiny_dir), lora={"rank": 2})
     assert (policy.height, policy.width, policy.max_sequence_length) == (512, 512, 512)
-    assert policy.latent_shape == (256 * 256, 4)  # VAE scale 1: 512 / 2 patches per side
+    assert policy.latent_shape == (256 * 256, 16)  # VAE scale 1: 512 / 2 patches per side, 4 latent channels x 2x2
     assert policy.compute_dtype == torch.bfloat16 and policy.vae.dtype == torch.bfloat16
     assert policy.encode(["a cat"])["prompt_embeds"].shape == (1, 512, 64)
 

@@ -21,8 +21,8 @@ def policy(make_policy):
 
 def test_is_a_policy_with_packed_shapes(policy) -> None:
     assert isinstance(policy, Policy)
-    # 32x32 pixels, VAE scale 1, 1 latent channel -> 16x16 patches of 2x2x1
-    assert policy.latent_shape == (256, 4)
+    # 32x32 pixels, VAE scale 1, 4 latent channels -> 16x16 patches of 2x2x4
+    assert policy.latent_shape == (256, 16)
     assert policy.height == policy.width == 32 and policy.max_sequence_length == 32
     assert policy.compute_dtype == torch.float32
 
@@ -41,8 +41,8 @@ def test_encode_shapes(policy) -> None:
 
 def test_noise_matches_pipeline_prepare_latents(policy, gens) -> None:
     z = policy.noise(gens(3))
-    assert z.shape == (3, 256, 4) and z.dtype == torch.float32
-    expected, _ = policy.pipe.prepare_latents(3, 1, 32, 32, torch.float32, torch.device("cpu"), gens(3))
+    assert z.shape == (3, 256, 16) and z.dtype == torch.float32
+    expected, _ = policy.pipe.prepare_latents(3, 4, 32, 32, torch.float32, torch.device("cpu"), gens(3))
     torch.testing.assert_close(z, expected, atol=0, rtol=0)
     # a row depends only on its generator
     torch.testing.assert_close(policy.noise(gens(1, offset=2))[0], z[2], atol=0, rtol=0)
@@ -71,7 +71,7 @@ def test_velocity_shape_and_batch_independence(policy, gens) -> None:
     assert v.shape == x.shape and v.dtype == x.dtype
     torch.testing.assert_close(v, v_scalar, atol=0, rtol=0)
     torch.testing.assert_close(v_row[0], v[1], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=r"expected \(256, 4\)"):
+    with pytest.raises(ValueError, match=r"expected \(256, 16\)"):
         policy.velocity(x[:, :10], torch.tensor(0.7), cond)
 
 

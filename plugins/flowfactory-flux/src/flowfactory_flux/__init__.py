@@ -55,7 +55,7 @@ class FluxOptions(BaseModel):
                           "loaded with FluxPipeline.from_pretrained. Give this or `preset`.")
     preset: Literal["tiny"] | None = Field(
         None, description="tiny: a ~7M-parameter random FLUX built in-process from the run seed (32x32 images, "
-                          "1-channel VAE, no downloads), for tests and CPU quickstarts. Give this or `model`.")
+                          "4-channel VAE at scale 1, no downloads), for tests and CPU quickstarts. Give this or `model`.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the frozen parts (text encoders, VAE, and the transformer's base weights under "

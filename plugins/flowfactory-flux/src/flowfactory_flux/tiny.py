@@ -1,7 +1,7 @@
 """A small random FLUX pipeline built in-process: no files, no network, deterministic from a seed.
 
 Sized to learn on a CPU: the ~0.07M-parameter FLUX of diffusers' own tests learns no reward, while this
-~7M-parameter transformer (2 double + 2 single blocks, 8 heads x 32) at 32x32 pixels with a 1-channel,
+~7M-parameter transformer (2 double + 2 single blocks, 8 heads x 32) at 32x32 pixels with a 4-channel,
 scale-1 VAE does. Tokenizers are built from in-memory vocabularies: CLIP is character-level BPE over the
 byte alphabet; T5 is a Unigram over a few hundred lowercase words plus single characters.
 """
