@@ -168,3 +168,22 @@ def test_two_processes_equal_one_process(toy_registry, toy_config, tmp_path):
     r1, r2 = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["reward/mean"] for r in r1] == pytest.approx([r["reward/mean"] for r in r2], abs=1e-5)
     assert r1[1]["eval/reward/mean"] == pytest.approx(r2[1]["eval/reward/mean"], abs=1e-5)
+
+
+def test_ema_weights_follow_the_trained_weights_step_by_step(toy_registry, toy_config, tmp_path):
+    """final/ema holds ema_k = d ema_(k-1) + (1 - d) w_k from the initial weights, one update per step."""
+    from flowfactory.testing.toy import ToyPolicy
+
+    d = 0.5
+    path = toy_config(train={"epochs": 4, "eval_every": 0, "sample_every": 0, "checkpoint_every": 1,
+                             "keep_checkpoints": 10, "ema": {"enabled": True, "decay": d}})
+    train(path, tmp_path / "r")
+    ema = [p.detach().float().clone() for p in ToyPolicy(seed=0, size=8).trainable_parameters()]
+    for epoch in range(1, 5):
+        state = torch.load(tmp_path / "r" / "checkpoints" / f"{epoch:06d}" / "state.pt", weights_only=False)
+        ema = [d * e + (1 - d) * w for e, w in zip(ema, state["params"])]
+    saved = torch.load(tmp_path / "r" / "final" / "ema" / "toy.pt")
+    for expected, got in zip(ema, saved.values()):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    trained = weights(tmp_path / "r")
+    assert any(not torch.equal(trained[k], saved[k]) for k in trained)
