@@ -6,7 +6,6 @@ handling, not training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +13,11 @@ import pytest
 
 import flowfactory.train as ff_train
 from flowfactory.errors import FlowFactoryError
+from flowfactory.train.loop import RunSummary
 from flowfactory_cli.main import resume_command
 from flowfactory_cli.render import duration
 
-
-@dataclass
-class FakeSummary:
-    output_dir: str
-    epochs: int
-    reward_first: float
-    reward_last: float
-    final_dir: str
-    metrics_path: str
-    samples_dir: str
-    wall_seconds: float
-    resumed_from: int | None
-
-
-SUMMARY = FakeSummary(output_dir="out/run", epochs=12, reward_first=0.25, reward_last=0.75,
+SUMMARY = RunSummary(output_dir="out/run", epochs=12, reward_first=0.25, reward_last=0.75,
                       final_dir="out/run/final", metrics_path="out/run/metrics.jsonl",
                       samples_dir="out/run/samples", wall_seconds=65.2, resumed_from=6)
 
@@ -41,7 +27,7 @@ def fake_run(monkeypatch) -> list[dict[str, Any]]:
     """Replace the training loop; returns the list of recorded calls."""
     calls: list[dict[str, Any]] = []
 
-    def run(cfg: Any, options: dict[str, Any], **kwargs: Any) -> FakeSummary:
+    def run(cfg: Any, options: dict[str, Any], **kwargs: Any) -> RunSummary:
         calls.append({"cfg": cfg, "options": options, **kwargs})
         return SUMMARY
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from flowfactory_cli.main import create_app
 from flowfactory.plugins import load
+from flowfactory_cli.main import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 

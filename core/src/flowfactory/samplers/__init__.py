@@ -27,7 +27,7 @@ class FlowSDEOptions(BaseModel):
         True, description="Integrate the last step (to sigma=0) without noise, so samples are clean.")
 
     @model_validator(mode="after")
-    def _window(self) -> "FlowSDEOptions":
+    def _window(self) -> FlowSDEOptions:
         last = self.steps - (1 if self.deterministic_last_step else 0)
         if self.sde_window_size is not None and self.sde_window_size > last:
             raise ValueError(f"sde_window_size={self.sde_window_size} exceeds the {last} steps that can be stochastic")

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def run(cfg: Any, options: dict[str, Any], *, output_dir: str | None = None, resume: bool = False,
-        source: str = "<config>", show_progress: bool = True, registry: Any = None) -> "RunSummary":
+        source: str = "<config>", show_progress: bool = True, registry: Any = None) -> RunSummary:
     """Train `cfg` (a validated RunConfig with its component options). See `flowfactory.train.loop`."""
     from flowfactory.train.loop import run as _run
 
