@@ -91,7 +91,16 @@ class FluxOptions(BaseModel):
 
 def build(options: FluxOptions, ctx: BuildContext) -> FluxPolicy:
     """Build a `FluxPolicy` (imports torch and diffusers only now)."""
-    from flowfactory_flux.policy import build_policy
+    from transformers.utils import logging as hf_logging
+
+    # Importing diffusers' pipelines makes transformers warn that torchvision is missing (for image
+    # processors FLUX never uses); keep that out of a run's output.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from flowfactory_flux.policy import build_policy
+    finally:
+        hf_logging.set_verbosity(previous)
 
     return build_policy(options, ctx)
 
