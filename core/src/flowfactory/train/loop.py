@@ -126,6 +126,13 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
     out = Path(output_dir or cfg.output_dir or f"runs/{cfg.name}")
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if accelerator.distributed_type.value == "FSDP":
+        # Checkpoints and final/ save each trainable tensor as this process holds it; with FSDP that is a
+        # shard. Refuse rather than write partial weights.
+        raise FlowFactoryError(
+            "this Accelerate launch uses FSDP, which flowfactory's checkpointing does not gather yet; launch "
+            "with DDP (`accelerate launch --multi_gpu ...` without an FSDP config) and use LoRA or gradient "
+            "checkpointing (policy options) to fit memory.")
     n_global = t.prompts_per_epoch * t.group_size
     if n_global % (world * t.steps_per_epoch):
         raise FlowFactoryError(
