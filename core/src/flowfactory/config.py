@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flowfactory.errors import ConfigError, FlowFactoryError, UnknownComponentError
+from flowfactory.registry import BuildContext
 
 
 class _Strict(BaseModel):
@@ -257,16 +258,42 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
                                            listing=f"`ff show {kind} {name}` lists the options")
 
     if cfg is not None and not problems:
-        problems += _cross_checks(cfg)
+        problems += _cross_checks(cfg, source)
+    if cfg is not None and not problems:
+        # Builds the sampler and the algorithm (cheap: no weights) to check they fit together.
+        ctx = BuildContext(seed=cfg.seed)
+        mismatch = sampler_mismatch(cfg, registry.get("sampler", cfg.sampler.name).create(options["sampler"], ctx),
+                                    registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx))
+        if mismatch:
+            problems.append(mismatch)
     if problems:
         raise ConfigError(source, problems)
     assert cfg is not None
     return cfg, options
 
 
-def _cross_checks(cfg: RunConfig) -> list[tuple[str, str]]:
+def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str, str] | None:
+    """(location, message) when the algorithm needs log-probabilities the sampler cannot give."""
+    need = getattr(algorithm, "requirements", None)
+    if need is not None and need.stochastic and not getattr(sampler, "stochastic", True):
+        return ("sampler.name", f"optimizer {cfg.optimizer.name!r} needs a stochastic sampler with log-probabilities, "
+                                f"but {cfg.sampler.name!r} is deterministic; use e.g. `flow-sde`")
+    return None
+
+
+def _cross_checks(cfg: RunConfig, source: str) -> list[tuple[str, str]]:
+    from flowfactory.train.data import load_prompts
+
     t = cfg.train
     probs = []
+    base = Path(source).parent if source and not source.startswith("<") else None
+    for key, spec in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if spec is None:
+            continue
+        try:
+            load_prompts(spec, base, key)
+        except FlowFactoryError as exc:
+            probs.append((key, str(exc).removeprefix(f"{key}: ")))
     n = t.prompts_per_epoch * t.group_size
     if n % t.steps_per_epoch:
         probs.append(("train.steps_per_epoch", f"must divide prompts_per_epoch * group_size = {n}"))

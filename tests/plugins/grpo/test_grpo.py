@@ -140,3 +140,17 @@ def test_options_are_validated():
         build(clip_range=-1.0)
     with pytest.raises(ValidationError):
         build(clip=0.2)
+
+
+def test_validate_rejects_grpo_with_a_deterministic_sampler(tmp_path):
+    """A config pairing grpo with `ode` fails validation (before any weights load), naming the key and fix."""
+    from flowfactory.config import load as load_config
+    from flowfactory.errors import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text("policy: {name: flux, options: {preset: tiny}}\nsampler: {name: ode}\n"
+                    "rewards: [{name: brightness}]\noptimizer: {name: grpo}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [("sampler.name", "optimizer 'grpo' needs a stochastic sampler with "
+                                   "log-probabilities, but 'ode' is deterministic; use e.g. `flow-sde`")]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowfactory.config import RunConfig
+from flowfactory.config import RunConfig, sampler_mismatch
 from flowfactory.errors import FlowFactoryError
 from flowfactory.registry import BuildContext
 from flowfactory.train import checkpoint as ckpt
@@ -160,24 +160,25 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(_config_dump(cfg), indent=2))
 
+    # --- prompts first: a bad prompt file must not cost a model load -------------------------------------
+    base_dir = Path(source).parent if source and not source.startswith("<") else None
+    train_prompts = load_prompts(cfg.data.train, base_dir, "data.train")
+    eval_prompts = load_prompts(cfg.data.eval, base_dir, "data.eval")[: t.eval_prompts] if cfg.data.eval else []
+
     # --- components, built from the registry ------------------------------------------------------------
-    set_seed(cfg.seed)
     registry = registry if registry is not None else get_registry()
     ctx = BuildContext(seed=cfg.seed, device=accelerator.device, output_dir=str(out))
-    policy = registry.get("policy", cfg.policy.name).create(options["policy"], ctx)
     sampler = registry.get("sampler", cfg.sampler.name).create(options["sampler"], ctx)
     algorithm = registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx)
+    mismatch = sampler_mismatch(cfg, sampler, algorithm)  # before any weights are loaded
+    if mismatch:
+        raise FlowFactoryError(f"{source}: {mismatch[0]}: {mismatch[1]}")
+    set_seed(cfg.seed)
+    policy = registry.get("policy", cfg.policy.name).create(options["policy"], ctx)
     rewards = RewardSet([(r.name, registry.get("reward", r.name).create(options[f"rewards[{i}]"], ctx), r.weight)
                          for i, r in enumerate(cfg.rewards)])
     algorithm.setup(policy, sampler)
     need = algorithm.requirements
-    if need.stochastic and not getattr(sampler, "stochastic", True):
-        raise FlowFactoryError(f"{source}: sampler.name: optimizer {cfg.optimizer.name!r} needs a stochastic "
-                               f"sampler; {cfg.sampler.name!r} is deterministic.")
-
-    base_dir = Path(source).parent if source and not source.startswith("<") else None
-    train_prompts = load_prompts(cfg.data.train, base_dir, "data.train")
-    eval_prompts = load_prompts(cfg.data.eval, base_dir, "data.eval")[: t.eval_prompts] if cfg.data.eval else []
 
     params = policy.trainable_parameters()
     if not params:
