@@ -126,6 +126,31 @@ class TestFlowSDEStochasticLastStepContract(SamplerContract):
     policy_options = {"size": 8, "hidden": 16, "shift": 3.0}  # a non-uniform schedule
 
 
+class TestDanceSDEContract(SamplerContract):
+    component = "dance-sde"
+    options = {"steps": 6}
+
+
+class TestDanceSDEWindowStochasticLastStepContract(SamplerContract):
+    component = "dance-sde"
+    options = {"steps": 6, "sde_window_size": 3, "sde_window_range": (2, 4), "deterministic_last_step": False,
+               "eta": 0.6}
+    policy_options = {"size": 8, "hidden": 16, "shift": 3.0}
+    epochs = (0, 1, 2, 3)
+
+
+class TestCPSContract(SamplerContract):
+    component = "cps"
+    options = {"steps": 6}
+
+
+class TestCPSWindowContract(SamplerContract):
+    component = "cps"
+    options = {"steps": 8, "sde_window_size": 2, "noise_level": 1.0}
+    policy_options = {"size": 8, "hidden": 16, "shift": 3.0}
+    epochs = (0, 1, 2, 3, 4)
+
+
 # --- rewards ------------------------------------------------------------------------------------------------
 
 class TestColourMatchContract(RewardContract):
@@ -179,6 +204,31 @@ class TestPolicyGradientWindowContract(OptimizerContract):
     extra_plugins = EXAMPLES
     sampler_steps = 6
     sampler_options = {"sde_window_size": 2}
+
+
+class TestPolicyGradientDanceSDEContract(OptimizerContract):
+    """A log-prob algorithm runs unchanged on DanceGRPO's SDE."""
+
+    component = "example-pg"
+    extra_plugins = EXAMPLES
+    sampler_steps = 5
+
+    @classmethod
+    def sampler_name(cls, requirements: Requirements) -> str:
+        return "dance-sde"
+
+
+class TestPolicyGradientCPSContract(OptimizerContract):
+    """A log-prob algorithm runs unchanged on coefficients-preserving sampling, in an SDE window."""
+
+    component = "example-pg"
+    extra_plugins = EXAMPLES
+    sampler_steps = 6
+    sampler_options = {"sde_window_size": 2, "noise_level": 0.5}
+
+    @classmethod
+    def sampler_name(cls, requirements: Requirements) -> str:
+        return "cps"
 
 
 class TestWeightedFlowMatchingContract(OptimizerContract):

@@ -5,6 +5,13 @@ Flow-GRPO SDE step, dt = sigma_next - sigma < 0:
     mean   = x (1 + std_t^2 / (2 sigma) dt) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
     x_next = mean + std_t sqrt(-dt) eps
     log p  = mean over latent dims of the Gaussian log density of x_next
+DanceGRPO SDE step (its FLUX script's flux_step with sde_solver=True):
+    x0_hat = x - sigma v,  score = -(x - (1 - sigma) x0_hat) / sigma^2
+    mean   = x + dt v + (-eta^2 / 2 * score) dt,   std = eta sqrt(-dt)
+CPS step (Flow-GRPO's sde_type="cps"):
+    std    = sigma_next sin(a pi / 2),  x0_hat = x - sigma v,  eps_hat = x + (1 - sigma) v
+    mean   = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) eps_hat
+Every SDE sampler's log p is the Gaussian density of x_next averaged over latent dims.
 Euler ODE step: x_next = x + dt v.
 
 The velocity is a fixed analytic function (AnalyticPolicy), so the reference needs no network.
@@ -13,6 +20,7 @@ The velocity is a fixed analytic function (AnalyticPolicy), so the reference nee
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,6 +86,43 @@ def ref_sde_step(x: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int,
     return mean, std_t * math.sqrt(-dt)
 
 
+def ref_dance_step(x: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int,
+                   eta: float) -> tuple[torch.Tensor, float]:
+    """DanceGRPO's step mean and std, in float64, from the formulas."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    dsigma = sigma_next - sigma
+    x, v = x.double(), v.double()
+    x0_hat = x - sigma * v
+    score = -(x - (1 - sigma) * x0_hat) / sigma**2
+    mean = x + dsigma * v + (-0.5 * eta**2 * score) * dsigma
+    return mean, eta * math.sqrt(sigma - sigma_next)
+
+
+def ref_cps_step(x: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int,
+                 a: float) -> tuple[torch.Tensor, float]:
+    """The coefficients-preserving step's mean and std, in float64, from the formulas."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    x, v = x.double(), v.double()
+    std = sigma_next * math.sin(a * math.pi / 2)
+    x0_hat = x - sigma * v
+    eps_hat = x + (1 - sigma) * v
+    mean = (1 - sigma_next) * x0_hat + math.sqrt(sigma_next**2 - std**2) * eps_hat
+    return mean, std
+
+
+RefStep = Callable[[torch.Tensor, torch.Tensor, list[float], int], tuple[torch.Tensor, float]]
+
+
+def ref_step(name: str, sampler: Any) -> RefStep:
+    """The float64 reference of sampler `name`'s stochastic step, with the sampler's noise parameter."""
+    if name == "flow-sde":
+        return lambda x, v, sig, i: ref_sde_step(x, v, sig, i, sampler.noise_level)
+    if name == "dance-sde":
+        return lambda x, v, sig, i: ref_dance_step(x, v, sig, i, sampler.eta)
+    assert name == "cps"
+    return lambda x, v, sig, i: ref_cps_step(x, v, sig, i, sampler.noise_level)
+
+
 def ref_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
     """Gaussian log density in float64, averaged over every dim but the batch."""
     z = (x_next.double() - mean.double()) / std
@@ -140,11 +185,103 @@ def test_first_sde_step_uses_the_second_sigma_so_its_std_is_the_noise_level(regi
         assert math.isfinite(float(d.mean.abs().max()))
 
 
+@pytest.mark.parametrize("steps", [2, 5, 10])
+@pytest.mark.parametrize("name,level_option,levels", [("dance-sde", "eta", [0.1, 0.3, 1.0]),
+                                                      ("cps", "noise_level", [0.2, 0.7, 1.0])])
+def test_dance_and_cps_steps_match_formula_at_every_step(registry: Registry, steps: int, name: str,
+                                                         level_option: str, levels: list[float]) -> None:
+    """Mean, std and log-prob of every step, the first (sigma = 1) and the last (sigma_next = 0) included."""
+    policy = AnalyticPolicy()
+    sigmas = policy.sigmas(steps)
+    sig = [float(s) for s in sigmas]
+    assert sig[0] == 1.0 and sig[-1] == 0.0
+    gen = torch.Generator().manual_seed(steps)
+    x = torch.randn(3, *LATENT, generator=gen)
+    cond = policy.encode(PROMPTS)
+    for level in levels:
+        sampler = build(registry, name, steps=steps, **{level_option: level})
+        step = ref_step(name, sampler)
+        for i in range(steps):
+            with torch.no_grad():
+                d = sampler.step_distribution(policy, x, sigmas, i, cond, stochastic=True)
+            mean, std = step(x, ref_velocity(policy, x, sig[i], cond["c"]), sig, i)
+            assert d.mean.dtype == torch.float32 and d.mean.shape == x.shape
+            torch.testing.assert_close(d.mean.double(), mean, rtol=1e-5, atol=1e-5)
+            assert float(d.std) == pytest.approx(std, rel=1e-6, abs=1e-12)
+            if std > 0:
+                x_next = mean + std * torch.randn(3, *LATENT, generator=gen, dtype=torch.float64)
+                lp = gaussian_log_prob(x_next.float(), d.mean, d.std)
+                torch.testing.assert_close(lp.double(), ref_log_prob(x_next.float(), mean, std), rtol=1e-5, atol=1e-4)
+
+
+def test_dance_step_is_flow_grpos_with_constant_std_t(registry: Registry) -> None:
+    """DanceGRPO's step is Flow-GRPO's with std_t = eta at every sigma: -score = (x + (1 - sigma) v) / sigma."""
+    policy = AnalyticPolicy()
+    sigmas = policy.sigmas(5)
+    sig = [float(s) for s in sigmas]
+    x = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(4))
+    cond = policy.encode(PROMPTS[:2])
+    sampler = build(registry, "dance-sde", steps=5, eta=0.45)
+    for i in range(5):
+        with torch.no_grad():
+            d = sampler.step_distribution(policy, x, sigmas, i, cond, stochastic=True)
+        v = ref_velocity(policy, x, sig[i], cond["c"])
+        dt = sig[i + 1] - sig[i]
+        flow_grpo_form = x.double() * (1 + 0.45**2 / (2 * sig[i]) * dt) + v * (1 + 0.45**2 * (1 - sig[i]) / (2 * sig[i])) * dt
+        torch.testing.assert_close(d.mean.double(), flow_grpo_form, rtol=1e-5, atol=1e-5)
+        assert float(d.std) == pytest.approx(0.45 * math.sqrt(sig[i] - sig[i + 1]), rel=1e-6)
+
+
+def test_cps_last_step_has_std_zero_and_is_euler(registry: Registry) -> None:
+    policy = AnalyticPolicy()
+    sigmas = policy.sigmas(4)
+    x = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(2))
+    cond = policy.encode(PROMPTS[:2])
+    for a in (0.3, 1.0):
+        sampler = build(registry, "cps", steps=4, noise_level=a)
+        with torch.no_grad():
+            d = sampler.step_distribution(policy, x, sigmas, 3, cond, stochastic=True)
+        assert float(d.std) == 0.0
+        euler = x.double() + (0.0 - float(sigmas[3])) * ref_velocity(policy, x, float(sigmas[3]), cond["c"])
+        torch.testing.assert_close(d.mean.double(), euler, rtol=1e-5, atol=1e-5)
+        assert not bool(sampler.stochastic_mask(0)[-1])
+
+
+class OraclePolicy(AnalyticPolicy):
+    """v = eps - x0 exactly, for x on the straight path between a fixed x0 and eps."""
+
+    def __init__(self, x0: torch.Tensor, eps: torch.Tensor):
+        super().__init__()
+        self.x0, self.eps = x0, eps
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return (self.eps - self.x0).to(x.dtype)
+
+
+@pytest.mark.parametrize("a", [0.25, 0.7, 1.0])
+def test_cps_preserves_the_coefficients_of_the_next_sigma(registry: Registry, a: float) -> None:
+    """With the exact velocity, x_next = (1 - s') x0 + s' cos(a pi/2) eps + s' sin(a pi/2) z: the data keeps
+    coefficient 1 - s' and the total noise variance is s'^2, as at sigma = s' on the path."""
+    gen = torch.Generator().manual_seed(9)
+    x0, eps = torch.randn(2, *LATENT, generator=gen), torch.randn(2, *LATENT, generator=gen)
+    policy = OraclePolicy(x0, eps)
+    sigmas = policy.sigmas(6)
+    sampler = build(registry, "cps", steps=6, noise_level=a)
+    for i in range(5):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = (1 - s) * x0 + s * eps
+        with torch.no_grad():
+            d = sampler.step_distribution(policy, x, sigmas, i, {"c": torch.zeros(2)}, stochastic=True)
+        expected = (1 - s_next) * x0.double() + s_next * math.cos(a * math.pi / 2) * eps.double()
+        torch.testing.assert_close(d.mean.double(), expected, rtol=1e-5, atol=1e-5)
+        assert (s_next * math.cos(a * math.pi / 2)) ** 2 + float(d.std) ** 2 == pytest.approx(s_next**2, rel=1e-6)
+
+
 def test_deterministic_steps_are_euler(registry: Registry) -> None:
     policy = AnalyticPolicy()
     x = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(1))
     cond = policy.encode(PROMPTS[:2])
-    for name in ("ode", "flow-sde"):
+    for name in ("ode", "flow-sde", "dance-sde", "cps"):
         sampler = build(registry, name, steps=4)
         sigmas = policy.sigmas(4)
         for i in range(4):
@@ -170,10 +307,11 @@ def test_gaussian_log_prob_is_the_density_averaged_over_dims() -> None:
 
 # --- whole rollouts against a float64 re-integration -------------------------------------------------------
 
-def reintegrate(policy: AnalyticPolicy, mask: torch.Tensor, steps: int, a: float | None,
+def reintegrate(policy: AnalyticPolicy, mask: torch.Tensor, steps: int, step: RefStep | None,
                 rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rollout recomputed in float64 from the formulas: noise and step noise drawn per sample from
-    generators seeded as `rollout` seeds them, one draw per stochastic step. Returns (latents, log_probs)."""
+    """The rollout recomputed in float64 from the formulas (`step` at stochastic steps, Euler elsewhere):
+    noise and step noise drawn per sample from generators seeded as `rollout` seeds them, one draw per
+    stochastic step. Returns (latents, log_probs)."""
     sig = [float(s) for s in policy.sigmas(steps)]
     c = policy.encode([PROMPTS[r] for r in rows])["c"]
     x = torch.stack([torch.randn(LATENT, generator=torch.Generator().manual_seed(10 + r)) for r in rows]).double()
@@ -182,7 +320,8 @@ def reintegrate(policy: AnalyticPolicy, mask: torch.Tensor, steps: int, a: float
     for i in range(steps):
         v = ref_velocity(policy, x, sig[i], c)
         if mask[i]:
-            mean, std = ref_sde_step(x, v, sig, i, a)
+            assert step is not None
+            mean, std = step(x, v, sig, i)
             eps = torch.stack([torch.randn(LATENT, generator=g) for g in step_gens]).double()
             x = mean + std * eps
             log_probs[:, i] = ref_log_prob(x, mean, std)
@@ -192,20 +331,30 @@ def reintegrate(policy: AnalyticPolicy, mask: torch.Tensor, steps: int, a: float
     return torch.stack(states, dim=1), log_probs
 
 
-@pytest.mark.parametrize("options", [
-    {"steps": 6},
-    {"steps": 6, "deterministic_last_step": False, "noise_level": 0.5},
-    {"steps": 8, "sde_window_size": 3},
-    {"steps": 8, "sde_window_size": 2, "sde_window_range": (2, 6)},
-])
-def test_sde_rollout_equals_float64_reintegration(registry: Registry, options: dict[str, Any]) -> None:
+ROLLOUT_CASES = [
+    ("flow-sde", {"steps": 6}),
+    ("flow-sde", {"steps": 6, "deterministic_last_step": False, "noise_level": 0.5}),
+    ("flow-sde", {"steps": 8, "sde_window_size": 3}),
+    ("flow-sde", {"steps": 8, "sde_window_size": 2, "sde_window_range": (2, 6)}),
+    ("dance-sde", {"steps": 6}),
+    ("dance-sde", {"steps": 6, "deterministic_last_step": False, "eta": 0.7}),
+    ("dance-sde", {"steps": 8, "sde_window_size": 3}),
+    ("cps", {"steps": 6}),
+    ("cps", {"steps": 6, "noise_level": 1.0}),
+    ("cps", {"steps": 8, "sde_window_size": 2, "sde_window_range": (2, 6), "noise_level": 0.4}),
+]
+
+
+@pytest.mark.parametrize("name,options", ROLLOUT_CASES)
+def test_sde_rollout_equals_float64_reintegration(registry: Registry, name: str, options: dict[str, Any]) -> None:
     policy = AnalyticPolicy()
-    sampler = build(registry, "flow-sde", **options)
+    sampler = build(registry, name, **options)
+    step = ref_step(name, sampler)
     rows = [0, 1, 2]
     for epoch in (0, 1):
         t = rollout(sampler, policy, rows, epoch=epoch)
         assert torch.equal(t.stochastic, sampler.stochastic_mask(epoch))
-        latents, log_probs = reintegrate(policy, t.stochastic, sampler.steps, sampler.noise_level, rows)
+        latents, log_probs = reintegrate(policy, t.stochastic, sampler.steps, step, rows)
         assert t.latents.dtype == torch.float32
         torch.testing.assert_close(t.latents.double(), latents, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(t.log_probs.double(), log_probs, rtol=1e-4, atol=1e-4)
@@ -215,7 +364,7 @@ def test_sde_rollout_equals_float64_reintegration(registry: Registry, options: d
         for i in range(sampler.steps):
             x = t.latents[:, i]
             if t.stochastic[i]:
-                mean, std = ref_sde_step(x, ref_velocity(policy, x, sig[i], c), sig, i, sampler.noise_level)
+                mean, std = step(x, ref_velocity(policy, x, sig[i], c), sig, i)
                 torch.testing.assert_close(t.log_probs[:, i].double(), ref_log_prob(t.latents[:, i + 1], mean, std),
                                            rtol=1e-5, atol=1e-5)
             else:
@@ -241,9 +390,10 @@ def test_ode_rollout_equals_float64_euler(registry: Registry) -> None:
     torch.testing.assert_close(t.latents.double(), latents, rtol=1e-5, atol=1e-5)
 
 
-def test_log_prob_recomputes_the_rollout_with_grad(registry: Registry) -> None:
+@pytest.mark.parametrize("name", ["flow-sde", "dance-sde", "cps"])
+def test_log_prob_recomputes_the_rollout_with_grad(registry: Registry, name: str) -> None:
     policy = AnalyticPolicy()
-    sampler = build(registry, "flow-sde", steps=6)
+    sampler = build(registry, name, steps=6)
     t = rollout(sampler, policy, [0, 1, 2])
     cond = policy.encode(PROMPTS)
     for i in t.stochastic_steps():
@@ -306,6 +456,17 @@ def test_window_is_determined_by_seed_and_epoch(registry: Registry) -> None:
     assert torch.equal(sampler.stochastic_mask(5), sampler.stochastic_mask(5))
 
 
+@pytest.mark.parametrize("name", ["dance-sde", "cps"])
+@pytest.mark.parametrize("options", [{"steps": 7}, {"steps": 10, "sde_window_size": 3},
+                                     {"steps": 10, "sde_window_size": 2, "sde_window_range": (3, 7)}])
+def test_every_sde_sampler_shares_flow_sde_window(registry: Registry, name: str, options: dict[str, Any]) -> None:
+    """One window implementation: same options and seed, same stochastic steps in every epoch."""
+    ref = build(registry, "flow-sde", seed=4, **options)
+    sampler = build(registry, name, seed=4, **options)
+    for epoch in range(12):
+        assert torch.equal(sampler.stochastic_mask(epoch), ref.stochastic_mask(epoch))
+
+
 def test_deterministic_rollout_ignores_the_window_and_the_generators(registry: Registry) -> None:
     policy = AnalyticPolicy()
     sde = build(registry, "flow-sde", steps=6, sde_window_size=2)
@@ -319,6 +480,8 @@ def test_deterministic_rollout_ignores_the_window_and_the_generators(registry: R
 
 @pytest.mark.parametrize("name,options", [("flow-sde", {"steps": 5}),
                                           ("flow-sde", {"steps": 6, "sde_window_size": 2}),
+                                          ("dance-sde", {"steps": 5}),
+                                          ("cps", {"steps": 6, "sde_window_size": 2}),
                                           ("ode", {"steps": 5})])
 @pytest.mark.parametrize("make_policy", [AnalyticPolicy, lambda: ToyPolicy(seed=0, size=6, hidden=8)])
 def test_a_sample_rolls_out_the_same_alone_or_in_any_batch(registry: Registry, name: str, options: dict[str, Any],
@@ -356,6 +519,17 @@ def test_randn_per_sample_rows_come_from_their_own_generator() -> None:
     ("flow-sde", {"noise_level": 0.0}, "greater than 0"),
     ("flow-sde", {"sde_window_size": 0}, "greater than or equal to 1"),
     ("flow-sde", {"noise": 0.7}, "Extra inputs are not permitted"),
+    ("dance-sde", {"eta": 0.0}, "greater than 0"),
+    ("dance-sde", {"steps": 1}, "greater than or equal to 2"),
+    ("dance-sde", {"steps": 6, "sde_window_size": 6}, "sde_window_size=6 exceeds the 5 steps"),
+    ("dance-sde", {"steps": 6, "sde_window_size": 2, "sde_window_range": (4, 6)}, "hi + size - 1 <= 5"),
+    ("dance-sde", {"noise_level": 0.7}, "Extra inputs are not permitted"),
+    ("cps", {"noise_level": 0.0}, "greater than 0"),
+    ("cps", {"noise_level": 1.5}, "less than or equal to 1"),
+    ("cps", {"deterministic_last_step": False}, "deterministic_last_step must be true for cps"),
+    ("cps", {"steps": 6, "sde_window_size": 6}, "sde_window_size=6 exceeds the 5 steps"),
+    ("cps", {"steps": 8, "sde_window_range": (0, 2)}, "sde_window_range needs sde_window_size"),
+    ("cps", {"eta": 0.3}, "Extra inputs are not permitted"),
     ("ode", {"steps": 0}, "greater than or equal to 1"),
     ("ode", {"noise_level": 0.7}, "Extra inputs are not permitted"),
 ])

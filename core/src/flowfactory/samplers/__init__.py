@@ -15,10 +15,11 @@ class ODEOptions(BaseModel):
     steps: int = Field(10, ge=1, description="Euler steps from sigma=1 to 0.")
 
 
-class FlowSDEOptions(BaseModel):
+class SDEWindowOptions(BaseModel):
+    """Options every SDE sampler shares: step count and which steps are stochastic (the SDE window)."""
+
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(10, ge=2, description="Integration steps from sigma=1 to 0.")
-    noise_level: float = Field(0.7, gt=0.0, description="Flow-GRPO's a: std_t = a * sqrt(sigma / (1 - sigma)).")
     sde_window_size: int | None = Field(
         None, ge=1, description="Stochastic steps per rollout (Flow-GRPO-Fast); null: every step but the last.")
     sde_window_range: tuple[int, int] | None = Field(
@@ -27,7 +28,7 @@ class FlowSDEOptions(BaseModel):
         True, description="Integrate the last step (to sigma=0) without noise, so samples are clean.")
 
     @model_validator(mode="after")
-    def _window(self) -> FlowSDEOptions:
+    def _window(self) -> SDEWindowOptions:
         last = self.steps - (1 if self.deterministic_last_step else 0)
         if self.sde_window_size is not None and self.sde_window_size > last:
             raise ValueError(f"sde_window_size={self.sde_window_size} exceeds the {last} steps that can be stochastic")
@@ -37,6 +38,29 @@ class FlowSDEOptions(BaseModel):
                 raise ValueError("sde_window_range needs sde_window_size")
             if not (0 <= lo < hi and hi + self.sde_window_size - 1 <= last):
                 raise ValueError(f"sde_window_range must satisfy 0 <= lo < hi and hi + size - 1 <= {last}")
+        return self
+
+
+class FlowSDEOptions(SDEWindowOptions):
+    noise_level: float = Field(0.7, gt=0.0, description="Flow-GRPO's a: std_t = a * sqrt(sigma / (1 - sigma)).")
+
+
+class DanceSDEOptions(SDEWindowOptions):
+    eta: float = Field(0.3, gt=0.0, description="DanceGRPO's eta: the step std is eta * sqrt(sigma - sigma_next).")
+
+
+class CPSOptions(SDEWindowOptions):
+    noise_level: float = Field(
+        0.7, gt=0.0, le=1.0,
+        description="Coefficients-preserving noise level a in (0, 1]: std = sigma_next * sin(a * pi / 2).")
+    deterministic_last_step: bool = Field(
+        True, description="Must stay true: CPS's last step (sigma_next=0) has std 0, so it cannot be stochastic.")
+
+    @model_validator(mode="after")
+    def _last_step(self) -> CPSOptions:
+        if not self.deterministic_last_step:
+            raise ValueError("deterministic_last_step must be true for cps: its std is sigma_next * sin(a pi / 2), "
+                             "which is 0 at the last step (sigma_next = 0)")
         return self
 
 
@@ -52,8 +76,24 @@ def _build_flow_sde(options: FlowSDEOptions, ctx):
     return FlowSDESampler(options, seed=ctx.seed)
 
 
+def _build_dance_sde(options: DanceSDEOptions, ctx):
+    from flowfactory.samplers.flow import DanceSDESampler
+
+    return DanceSDESampler(options, seed=ctx.seed)
+
+
+def _build_cps(options: CPSOptions, ctx):
+    from flowfactory.samplers.flow import CPSSampler
+
+    return CPSSampler(options, seed=ctx.seed)
+
+
 @hookimpl
 def register_samplers(register):
     register("ode", _build_ode, options=ODEOptions, summary="Deterministic Euler ODE sampler (no log-probs).")
     register("flow-sde", _build_flow_sde, options=FlowSDEOptions,
              summary="Flow-GRPO SDE sampler with Gaussian log-probs; optional SDE window (Flow-GRPO-Fast).")
+    register("dance-sde", _build_dance_sde, options=DanceSDEOptions,
+             summary="DanceGRPO's SDE step (score-corrected Euler, std eta sqrt(-dt)); optional SDE window.")
+    register("cps", _build_cps, options=CPSOptions,
+             summary="Coefficients-Preserving Sampling (Flow-GRPO's sde_type=cps) with Gaussian log-probs.")

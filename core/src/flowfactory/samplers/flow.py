@@ -1,4 +1,4 @@
-"""Euler ODE and Flow-GRPO SDE samplers for rectified-flow policies.
+"""Euler ODE and SDE samplers (Flow-GRPO, DanceGRPO, CPS) for rectified-flow policies.
 
 Convention: x_sigma = (1 - sigma) x_0 + sigma * eps, the policy predicts v = eps - x_0, and an ODE step is
 x_next = x + (sigma_next - sigma) v.
@@ -7,11 +7,13 @@ x_next = x + (sigma_next - sigma) v.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import numpy as np
 import torch
 
+from flowfactory.samplers import CPSOptions, DanceSDEOptions, FlowSDEOptions, SDEWindowOptions
 from flowfactory.types import Conditioning, Policy, StepDistribution, Trajectory
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -40,16 +42,17 @@ def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
 
 
-class _BaseSampler:
+class _BaseSampler(ABC):
     steps: int
     stochastic: bool = True  # capability: has stochastic steps with log-probs
 
     def stochastic_mask(self, epoch: int) -> torch.Tensor:
         return torch.zeros(self.steps, dtype=torch.bool)
 
+    @abstractmethod
     def step_distribution(self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int,
                           cond: Conditioning, stochastic: bool = True) -> StepDistribution:
-        raise NotImplementedError  # pragma: no cover - each sampler defines it
+        """The Gaussian of x_{i+1} given x = x_i (the `Sampler` protocol); each sampler defines it."""
 
     @torch.no_grad()
     def rollout(self, policy: Policy, cond: Conditioning, noise: torch.Tensor,
@@ -104,21 +107,18 @@ class ODESampler(_BaseSampler):
                          "for algorithms that need them (grpo)")
 
 
-class FlowSDESampler(_BaseSampler):
-    """Flow-GRPO's SDE: the reverse-time SDE with the same marginals as the flow ODE.
+class _SDESampler(_BaseSampler):
+    """Shared by the SDE samplers: options, the SDE window (`stochastic_mask`) and the Euler step used at
+    deterministic steps. A subclass defines only its stochastic step, `_sde_step`."""
 
-    std_t = a * sqrt(sigma / (1 - sigma))  (sigma = 1 uses the schedule's second sigma in the denominator)
-    mean  = x (1 + std_t^2 / (2 sigma) dt) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,   dt = sigma_next - sigma < 0
-    x_next = mean + std_t sqrt(-dt) eps
-    """
-
-    def __init__(self, options, seed: int = 0):
+    def __init__(self, options: SDEWindowOptions, seed: int = 0):
         self.options = options
         self.steps = options.steps
-        self.noise_level = options.noise_level
         self.seed = seed
 
     def stochastic_mask(self, epoch: int) -> torch.Tensor:
+        """Which steps are stochastic at `epoch`: all (but a deterministic last one), or a window of
+        `sde_window_size` steps whose start is drawn from (seed, epoch) so every process agrees on it."""
         o = self.options
         last = self.steps - (1 if o.deterministic_last_step else 0)
         mask = torch.zeros(self.steps, dtype=torch.bool)
@@ -131,15 +131,91 @@ class FlowSDESampler(_BaseSampler):
         mask[start:start + o.sde_window_size] = True
         return mask
 
-    def step_distribution(self, policy, x, sigmas, i, cond, stochastic=True):
+    def step_distribution(self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int,
+                          cond: Conditioning, stochastic: bool = True) -> StepDistribution:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         v = policy.velocity(x, _sigma_batch(sigma, x), cond).float()
         xf = x.float()
-        dt = sigma_next - sigma
         if not stochastic:
-            return StepDistribution(mean=xf + dt * v, std=torch.zeros((), device=x.device))
+            return StepDistribution(mean=xf + (sigma_next - sigma) * v, std=torch.zeros((), device=x.device))
+        mean, std = self._sde_step(xf, v, sigmas, i)
+        return StepDistribution(mean=mean, std=torch.tensor(std, device=x.device, dtype=torch.float32))
+
+    @abstractmethod
+    def _sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
+                  i: int) -> tuple[torch.Tensor, float]:
+        """(mean, std) of x_{i+1} given x = x_i and its velocity v, both float32."""
+
+
+class FlowSDESampler(_SDESampler):
+    """Flow-GRPO's SDE: the reverse-time SDE with the same marginals as the flow ODE.
+
+    std_t = a * sqrt(sigma / (1 - sigma))  (sigma = 1 uses the schedule's second sigma in the denominator)
+    mean  = x (1 + std_t^2 / (2 sigma) dt) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,   dt = sigma_next - sigma < 0
+    x_next = mean + std_t sqrt(-dt) eps
+    """
+
+    def __init__(self, options: FlowSDEOptions, seed: int = 0):
+        super().__init__(options, seed)
+        self.noise_level = options.noise_level
+
+    def _sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
+                  i: int) -> tuple[torch.Tensor, float]:
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        dt = sigma_next - sigma
         denom_sigma = float(sigmas[1]) if sigma >= 1.0 else sigma
         std_t = math.sqrt(sigma / (1.0 - denom_sigma)) * self.noise_level
-        mean = xf * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
-        std = torch.tensor(std_t * math.sqrt(-dt), device=x.device, dtype=torch.float32)
-        return StepDistribution(mean=mean, std=std)
+        mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+        return mean, std_t * math.sqrt(-dt)
+
+
+class DanceSDESampler(_SDESampler):
+    """DanceGRPO's SDE step (its FLUX script's `flux_step` with `sde_solver=True`).
+
+    Euler plus a score correction with a constant diffusion coefficient eta, dt = sigma_next - sigma < 0:
+        x0_hat = x - sigma v,   score = -(x - (1 - sigma) x0_hat) / sigma^2
+        mean   = x + dt v - eta^2 / 2 * score * dt,   std = eta sqrt(-dt),   x_next = mean + std eps
+    The log-prob is the full Gaussian density averaged over latent dims. (DanceGRPO's own code ends up with
+    only the quadratic term, its constants being on a separate, discarded line; they cancel in GRPO's ratio.)
+    """
+
+    def __init__(self, options: DanceSDEOptions, seed: int = 0):
+        super().__init__(options, seed)
+        self.eta = options.eta
+
+    def _sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
+                  i: int) -> tuple[torch.Tensor, float]:
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        dt = sigma_next - sigma
+        x0_hat = x - sigma * v
+        score = -(x - (1 - sigma) * x0_hat) / sigma**2
+        mean = x + dt * v + (-0.5 * self.eta**2 * score) * dt
+        return mean, self.eta * math.sqrt(-dt)
+
+
+class CPSSampler(_SDESampler):
+    """Coefficients-Preserving Sampling (Wang & Yu 2025; Flow-GRPO's `sde_type="cps"`).
+
+    Re-noises the predicted clean sample so that x_next has exactly the coefficients of sigma_next:
+        std    = sigma_next sin(a pi / 2)
+        x0_hat = x - sigma v,   eps_hat = x + (1 - sigma) v
+        mean   = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) eps_hat,   x_next = mean + std eps
+    The last step (sigma_next = 0) has std 0 and is the Euler step, so it is always deterministic.
+
+    Deviation from Flow-GRPO: its CPS log-prob is -(x_next - mean)^2 averaged over dims (no 1 / (2 std^2),
+    no constants). Here it is the Gaussian log density averaged over dims, like the other SDE samplers, so
+    the log-ratio is 1 / (2 std^2) times Flow-GRPO's; a clip range tuned there does not carry over as is.
+    """
+
+    def __init__(self, options: CPSOptions, seed: int = 0):
+        super().__init__(options, seed)
+        self.noise_level = options.noise_level
+
+    def _sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
+                  i: int) -> tuple[torch.Tensor, float]:
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        std = sigma_next * math.sin(self.noise_level * math.pi / 2)
+        x0_hat = x - sigma * v
+        eps_hat = x + (1 - sigma) * v
+        mean = (1 - sigma_next) * x0_hat + math.sqrt(max(sigma_next**2 - std**2, 0.0)) * eps_hat
+        return mean, std
