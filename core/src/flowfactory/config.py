@@ -273,11 +273,16 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
 
 
 def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str, str] | None:
-    """(location, message) when the algorithm needs log-probabilities the sampler cannot give."""
+    """(location, message) when the sampler cannot serve the algorithm: the algorithm needs log-probabilities
+    the sampler cannot give, or its optional `check_sampler(sampler) -> str | None` names a problem."""
     need = getattr(algorithm, "requirements", None)
     if need is not None and need.stochastic and not getattr(sampler, "stochastic", True):
         return ("sampler.name", f"optimizer {cfg.optimizer.name!r} needs a stochastic sampler with log-probabilities, "
                                 f"but {cfg.sampler.name!r} is deterministic; use e.g. `flow-sde`")
+    check = getattr(algorithm, "check_sampler", None)
+    problem = check(sampler) if callable(check) else None
+    if problem:
+        return ("sampler.name", f"optimizer {cfg.optimizer.name!r} cannot use sampler {cfg.sampler.name!r}: {problem}")
     return None
 
 

@@ -5,6 +5,8 @@ Imports only flowfactory and pydantic; the loss (torch) lives in `flowfactory_gr
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowfactory import hookimpl
@@ -15,9 +17,15 @@ class GRPOOptions(BaseModel):
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip: ratio kept in [1 - c, 1 + c].")
     adv_clip: float = Field(5.0, gt=0, description="Advantages clipped to [-c, c] inside the loss.")
     kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the reference policy (0 disables).")
+    guard: bool = Field(False, description=(
+        "GRPO-Guard (arXiv 2510.22319): clip the RatioNorm ratio exp(s * (log r + mean|mu - mu_old|^2 / (2 s^2))), "
+        "s the step's std, instead of r. Needs the `flow-sde` sampler."))
+    guard_reweight: bool = Field(True, description=(
+        "With `guard`: weight each step's policy loss by 1 / |dt| (GRPO-Guard's gradient reweighting); "
+        "false keeps RatioNorm only."))
 
 
-def _build(options: GRPOOptions, ctx):
+def _build(options: GRPOOptions, ctx: Any) -> Any:
     from flowfactory_grpo.loss import GRPO
 
     return GRPO(options)
@@ -26,4 +34,4 @@ def _build(options: GRPOOptions, ctx):
 @hookimpl
 def register_optimizers(register):
     register("grpo", _build, options=GRPOOptions,
-             summary="Flow-GRPO: clipped-ratio policy gradient over SDE steps, optional KL to the reference.")
+             summary="Flow-GRPO: clipped-ratio policy gradient over SDE steps, optional KL and GRPO-Guard.")

@@ -1,13 +1,26 @@
-"""Flow-GRPO's objective.
+"""Flow-GRPO's objective, optionally with GRPO-Guard's regulated clipping.
 
 For a rollout with advantage A and a stochastic step t with stored log-prob l_old:
     r = exp(l_new - l_old)
     loss = max(-A r, -A clip(r, 1 - c, 1 + c))  +  beta * KL_t
     KL_t = mean over latent dims of (mu_theta - mu_ref)^2 / (2 std_t^2)     (both Gaussians share std_t)
 Each stochastic step is its own forward/backward (one update unit per trained timestep).
+
+GRPO-Guard (Wang et al. 2025, arXiv 2510.22319), `guard: true`. The step is Gaussian with a std s that does
+not depend on the policy, and l is averaged over the D latent dims, so with x' = mu_old + s eps:
+    l_new - l_old = mean(eps * d) / s - mean(d^2) / (2 s^2),    d = mu_new - mu_old
+The second term is always <= 0 (the ratio's left shift) and both scale with 1/s (the per-timestep spread).
+RatioNorm adds the shift back and multiplies by s:
+    log r_guard = s * (l_new - l_old + mean(d^2) / (2 s^2)) = mean(eps * d)
+which is centred on 0 at every timestep, and the clipped loss uses r_guard. Gradient reweighting multiplies
+the policy term by 1 / |dt| (`guard_reweight`), since d, hence the gradient, scales with the step's |dt|.
+mu_old is the sampling policy's mean: on a fresh batch it is the current mean (detached); afterwards it is
+recomputed under no grad with a snapshot of the trainable parameters taken at the epoch's first (fresh) batch.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -16,36 +29,95 @@ from flowfactory.types import LossOutput, Policy, Requirements, Sampler, TrainBa
 
 
 class GRPO:
+    """The `grpo` policy optimizer (see the module docstring for the objective)."""
+
     requirements = Requirements(keep="steps", stochastic=True)
 
-    def __init__(self, options):
+    def __init__(self, options: Any):
         self.options = options
+        self._old_params: list[torch.Tensor] | None = None  # GRPO-Guard: the sampling policy's parameters
+        self._in_fresh_run = False  # inside the run of fresh batches the snapshot was taken at
+
+    def check_sampler(self, sampler: Sampler) -> str | None:
+        """Why this configuration cannot use `sampler` (GRPO-Guard's flow-sde restriction), or None."""
+        from flowfactory.samplers.flow import FlowSDESampler
+
+        if self.options.guard and not isinstance(sampler, FlowSDESampler):
+            return ("`guard: true` (GRPO-Guard) normalises the importance ratio of Flow-GRPO's SDE step and "
+                    "needs the `flow-sde` sampler; set `sampler.name: flow-sde` or `optimizer.options.guard: false`")
+        return None
 
     def setup(self, policy: Policy, sampler: Sampler) -> None:
         if not getattr(sampler, "stochastic", True):
             raise FlowFactoryError(
                 "optimizer `grpo` needs a stochastic sampler with log-probabilities, but the configured sampler "
                 "is deterministic. Set `sampler.name` to an SDE sampler such as `flow-sde`.")
+        problem = self.check_sampler(sampler)
+        if problem:
+            raise FlowFactoryError(f"optimizer `grpo`: {problem}")
 
     def units(self, batch: TrainBatch) -> list[int]:
         return batch.trajectory.stochastic_steps()
 
+    def _old_mean(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: int) -> torch.Tensor | None:
+        """The sampling policy's step mean for a non-fresh batch (None for a fresh one: the current mean is it).
+
+        Must run before the forward with grad: it swaps the snapshot into the parameters in place."""
+        params = policy.trainable_parameters()
+        if batch.fresh:
+            if not self._in_fresh_run:  # first fresh batch of an epoch: the policy still is the sampling one
+                self._old_params = [p.detach().clone() for p in params]
+                self._in_fresh_run = True
+            return None
+        self._in_fresh_run = False
+        if self._old_params is None:
+            raise FlowFactoryError("optimizer `grpo` with `guard: true` got a non-fresh batch before any fresh one, "
+                                   "so the sampling policy is unknown; the first batch after a rollout must be fresh")
+        traj = batch.trajectory
+        with torch.no_grad():
+            current = [p.detach().clone() for p in params]
+            try:
+                for p, old in zip(params, self._old_params):
+                    p.copy_(old)
+                dist = sampler.step_distribution(policy, traj.latents[:, unit], traj.sigmas, unit, batch.cond,
+                                                 stochastic=True)
+            finally:
+                for p, cur in zip(params, current):
+                    p.copy_(cur)
+        return dist.mean.float()
+
     def loss(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: int) -> LossOutput:
         o = self.options
         traj = batch.trajectory
+        old_mean = self._old_mean(policy, sampler, batch, unit) if o.guard else None
         dist = sampler.log_prob(policy, traj, unit, batch.cond)
         old = traj.log_probs[:, unit].float()
         adv = batch.advantages.float().clamp(-o.adv_clip, o.adv_clip)
         log_ratio = dist.log_prob - old
-        ratio = torch.exp(log_ratio)
+        metrics: dict[str, Any] = {}
+        weight = 1.0
+        if o.guard:
+            s = dist.std.float()
+            mu_old = dist.mean.detach().float() if old_mean is None else old_mean
+            dims = tuple(range(1, dist.mean.ndim))
+            shift = ((dist.mean.float() - mu_old) ** 2).mean(dim=dims) / (2 * s**2)
+            clip_log_ratio = s * (log_ratio + shift)  # RatioNorm
+            if o.guard_reweight:
+                weight = 1.0 / abs(float(traj.sigmas[unit + 1]) - float(traj.sigmas[unit]))
+            metrics["grpo/guard_shift"] = shift.detach().mean()
+            metrics["grpo/guard_log_ratio"] = clip_log_ratio.detach().mean()
+            metrics["grpo/guard_weight"] = torch.tensor(weight)
+        else:
+            clip_log_ratio = log_ratio
+        ratio = torch.exp(clip_log_ratio)
         unclipped = -adv * ratio
         clipped = -adv * torch.clamp(ratio, 1.0 - o.clip_range, 1.0 + o.clip_range)
-        loss = torch.maximum(unclipped, clipped)
-        metrics = {
+        loss = weight * torch.maximum(unclipped, clipped)
+        metrics.update({
             "grpo/policy_loss": loss.detach().mean(),
-            "grpo/clipfrac": ((ratio - 1.0).abs() > o.clip_range).float().mean().detach(),
+            "grpo/clipfrac": ((ratio.detach() - 1.0).abs() > o.clip_range).float().mean(),
             "grpo/approx_kl": (0.5 * log_ratio.detach() ** 2).mean(),
-        }
+        })
         if o.kl_beta > 0:
             x = traj.latents[:, unit]
             with policy.reference():
