@@ -187,3 +187,78 @@ def test_ema_weights_follow_the_trained_weights_step_by_step(toy_registry, toy_c
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     trained = weights(tmp_path / "r")
     assert any(not torch.equal(trained[k], saved[k]) for k in trained)
+
+
+class RecordingPG:
+    """A REINFORCE optimizer that uses every optional hook and records when the loop calls them."""
+
+    from flowfactory.types import Requirements as _R
+
+    requirements = _R(keep="steps", stochastic=True)
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.steps = 0  # checkpointed state
+        self.sampling_params: list[torch.Tensor] = []
+
+    def setup(self, policy, sampler):
+        self.calls.append("setup")
+
+    def units(self, batch):
+        return batch.trajectory.stochastic_steps()
+
+    def loss(self, policy, sampler, batch, unit):
+        from flowfactory.types import LossOutput
+
+        if not self.calls or self.calls[-1] != "loss":
+            self.calls.append("loss")
+        lp = sampler.log_prob(policy, batch.trajectory, unit, batch.cond).log_prob
+        return LossOutput(loss=-batch.advantages * lp)
+
+    def sampling(self, policy):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            self.calls.append("sampling")
+            yield
+            self.calls.append("sampling-end")
+
+        return ctx()
+
+    def on_rollout(self, policy):
+        self.calls.append("on_rollout")
+
+    def on_step(self, policy):
+        self.calls.append("on_step")
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.calls.append(f"load:{state['steps']}")
+        self.steps = state["steps"]
+
+
+def test_loop_calls_the_optional_algorithm_hooks_and_checkpoints_their_state(toy_registry, toy_config, tmp_path):
+    from flowfactory.registry import ComponentSpec, NoOptions
+
+    algos = []
+
+    def build(options, ctx):
+        algos.append(RecordingPG())
+        return algos[-1]
+
+    toy_registry._specs["optimizer"]["recording"] = ComponentSpec("optimizer", "recording", build, NoOptions,
+                                                                  "", "tests", "0")
+    path = toy_config(optimizer={"name": "recording", "options": {}},
+                      train={"epochs": 2, "eval_every": 0, "sample_every": 0, "checkpoint_every": 1,
+                             "steps_per_epoch": 2, "micro_batch_size": 4})
+    train(path, tmp_path / "r")
+    epoch = ["sampling", "sampling-end", "on_rollout", "loss", "on_step", "loss", "on_step"]
+    assert algos[-1].calls == ["setup"] + epoch * 2  # (validation builds one too, to check the sampler)
+    state = torch.load(tmp_path / "r" / "checkpoints" / "000002" / "state.pt", weights_only=False)
+    assert state["algorithm"] == {"steps": 4}
+    train(path, tmp_path / "r", ["train.epochs=3"], resume=True)
+    assert algos[-1].calls == ["setup", "load:4"] + epoch and algos[-1].steps == 6

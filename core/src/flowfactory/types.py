@@ -202,7 +202,12 @@ class TrainBatch:
 
 @runtime_checkable
 class PolicyOptimizer(Protocol):
-    """An RL algorithm: declares what rollouts keep, and computes a micro-batch loss."""
+    """An RL algorithm: declares what rollouts keep, and computes a micro-batch loss.
+
+    Optional methods, called by the loop when an algorithm defines them (see `OptimizerHooks`):
+    `check_sampler(sampler) -> str | None`, `sampling(policy)` (context the epoch's rollouts run in),
+    `on_rollout(policy)`, `on_step(policy)`, `state_dict()` / `load_state_dict(state)` (checkpointed).
+    """
 
     requirements: Requirements
 
@@ -213,3 +218,35 @@ class PolicyOptimizer(Protocol):
         """Work units of one micro-batch, each its own forward/backward (e.g. GRPO's trained steps)."""
 
     def loss(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: Any) -> LossOutput: ...
+
+
+class OptimizerHooks:
+    """No-op defaults of a policy optimizer's optional methods; subclass it and override what you need.
+
+    The loop calls them in this order each epoch: `sampling(policy)` wraps the rollout (e.g. DiffusionNFT
+    samples with an EMA "old" policy swapped in), `on_rollout(policy)` runs once the rollouts exist and
+    before any update, `on_step(policy)` after every optimizer step (e.g. to update an EMA). Whatever
+    `state_dict()` returns is saved in checkpoints and given back to `load_state_dict` on `--resume`, so
+    a resumed run equals an uninterrupted one.
+    """
+
+    def check_sampler(self, sampler: Sampler) -> str | None:
+        """A problem message if this algorithm cannot use `sampler` (reported at `sampler.name`), else None."""
+        return None
+
+    def sampling(self, policy: Policy) -> AbstractContextManager[None]:
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def on_rollout(self, policy: Policy) -> None:
+        return None
+
+    def on_step(self, policy: Policy) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

@@ -32,7 +32,7 @@ from flowfactory.train.data import load_prompts
 from flowfactory.train.ema import EMA
 from flowfactory.train.logging import MetricsLog, save_grid
 from flowfactory.train.rewards import RewardSet
-from flowfactory.types import Conditioning, Samples, TrainBatch, Trajectory, select_rows
+from flowfactory.types import Conditioning, OptimizerHooks, Samples, TrainBatch, Trajectory, select_rows
 
 
 @dataclass
@@ -179,6 +179,7 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
                          for i, r in enumerate(cfg.rewards)])
     algorithm.setup(policy, sampler)
     need = algorithm.requirements
+    hooks = AlgorithmHooks(algorithm)
 
     params = policy.trainable_parameters()
     if not params:
@@ -197,6 +198,7 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        hooks.load_state_dict(state.get("algorithm") or {})
         start_epoch = meta["epoch"]
         if start_epoch >= t.epochs:
             raise FlowFactoryError(
@@ -208,7 +210,7 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
         accelerator.wait_for_everyone()
         if main:
             state = {"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-                     "ema": ema.state_dict() if ema is not None else None}
+                     "ema": ema.state_dict() if ema is not None else None, "algorithm": hooks.state_dict()}
             ckpt.save(out / "checkpoints", epoch, state, {"name": cfg.name}, t.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -264,8 +266,10 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
 
             # 2. rollout under no grad, keeping what the algorithm needs
             policy.module.eval()
-            traj, cond, images = rollout(prompts, [(epoch, i) for i in local], deterministic=not need.stochastic,
-                                         keep=need.keep, epoch=epoch)
+            with hooks.sampling(policy):
+                traj, cond, images = rollout(prompts, [(epoch, i) for i in local], deterministic=not need.stochastic,
+                                             keep=need.keep, epoch=epoch)
+            hooks.on_rollout(policy)
             t1 = time.perf_counter()
 
             # 3. rewards (checked before any weight changes) and advantages over the global batch
@@ -307,6 +311,7 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
                         grad_norms.append(float(accelerator.clip_grad_norm_(params, t.max_grad_norm)))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    hooks.on_step(policy)
                     if ema is not None:
                         ema.update(params)
             consistent = True
@@ -362,6 +367,31 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
                          wall_seconds=time.perf_counter() - t_start,
                          resumed_from=start_epoch if resume_from is not None else None)
     return summary
+
+
+class AlgorithmHooks:
+    """The algorithm's optional methods (`flowfactory.types.OptimizerHooks`), with no-op defaults."""
+
+    def __init__(self, algorithm: Any):
+        self.algorithm = algorithm
+
+    def _get(self, name: str) -> Any:
+        return getattr(self.algorithm, name, None) or getattr(OptimizerHooks(), name)
+
+    def sampling(self, policy: Any) -> Any:
+        return self._get("sampling")(policy)
+
+    def on_rollout(self, policy: Any) -> None:
+        self._get("on_rollout")(policy)
+
+    def on_step(self, policy: Any) -> None:
+        self._get("on_step")(policy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._get("state_dict")()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._get("load_state_dict")(state)
 
 
 def _media(images: torch.Tensor) -> dict[str, torch.Tensor]:
