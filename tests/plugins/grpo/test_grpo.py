@@ -221,7 +221,8 @@ def test_guard_after_an_update_adds_the_mean_shift_back(w_new):
     grpo = build(clip_range=clip, guard=True)
     sampler = FixedSampler(new, std=std)
     policy = ParamPolicy(sampler)
-    grpo.loss(policy, sampler, make_batch(old, adv, fresh=True), unit=0)  # snapshot: w = 1
+    grpo.on_rollout(policy)  # snapshot of the sampling policy: w = 1
+    grpo.loss(policy, sampler, make_batch(old, adv, fresh=True), unit=0)
     with torch.no_grad():
         sampler.w.fill_(w_new)  # an optimizer step
     batch = make_batch(old, adv, fresh=False)
@@ -238,24 +239,26 @@ def test_guard_after_an_update_adds_the_mean_shift_back(w_new):
     assert sampler.w.grad is not None and torch.isfinite(sampler.w.grad)
 
 
-def test_guard_snapshot_is_retaken_at_the_next_fresh_batch():
+def test_guard_snapshot_is_retaken_after_the_next_rollout():
     grpo = build(guard=True)
     sampler = FixedSampler(torch.zeros(2), std=0.3)
     policy = ParamPolicy(sampler)
     adv = torch.ones(2)
+    grpo.on_rollout(policy)
     grpo.loss(policy, sampler, make_batch(torch.zeros(2), adv, fresh=True), unit=0)
     with torch.no_grad():
         sampler.w.fill_(2.0)
     grpo.loss(policy, sampler, make_batch(torch.zeros(2), adv, fresh=False), unit=0)
-    grpo.loss(policy, sampler, make_batch(torch.zeros(2), adv, fresh=True), unit=0)  # next epoch: w = 2 sampled
+    grpo.on_rollout(policy)  # next epoch: w = 2 sampled
+    grpo.loss(policy, sampler, make_batch(torch.zeros(2), adv, fresh=True), unit=0)
     out = grpo.loss(policy, sampler, make_batch(torch.zeros(2), adv, fresh=False), unit=0)
     assert float(out.metrics["grpo/guard_shift"]) == 0.0
 
 
-def test_guard_needs_a_fresh_batch_first():
+def test_guard_needs_the_rollout_snapshot_before_a_non_fresh_batch():
     grpo = build(guard=True)
     sampler = FixedSampler(torch.zeros(2), std=0.3)
-    with pytest.raises(FlowFactoryError, match="fresh"):
+    with pytest.raises(FlowFactoryError, match="on_rollout"):
         grpo.loss(ParamPolicy(sampler), sampler, make_batch(torch.zeros(2), torch.ones(2), fresh=False), unit=0)
 
 
@@ -275,7 +278,8 @@ def test_guard_ratio_is_centred_on_the_flow_sde_step():
     grpo.setup(policy, sampler)
     batch = TrainBatch(trajectory=traj, cond=cond, advantages=torch.ones(4), fresh=True)
     unit = grpo.units(batch)[1]
-    grpo.loss(policy, sampler, batch, unit)  # snapshot of the sampling policy
+    grpo.on_rollout(policy)  # snapshot of the sampling policy
+    grpo.loss(policy, sampler, batch, unit)
     with torch.no_grad():
         old = sampler.step_distribution(policy, traj.latents[:, unit], traj.sigmas, unit, cond)
         for p in policy.trainable_parameters():

@@ -17,6 +17,7 @@ class attributes; the fixtures (`registry`, `policy`, `sampler`, ...) are class-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -647,8 +648,13 @@ class OptimizerContract(_ComponentContract):
         n = len(prompts)
         cond = policy.encode(prompts)
         noise = policy.noise(make_generators(range(n)))
-        traj = sampler.rollout(policy, cond, noise, make_generators(range(100, 100 + n)), keep=need.keep,
-                               deterministic=not need.stochastic)
+        sampling = getattr(optimizer, "sampling", None)
+        with sampling(policy) if sampling is not None else contextlib.nullcontext():
+            traj = sampler.rollout(policy, cond, noise, make_generators(range(100, 100 + n)), keep=need.keep,
+                                   deterministic=not need.stochastic)
+        on_rollout = getattr(optimizer, "on_rollout", None)
+        if on_rollout is not None:  # as the loop does, after the rollouts and before any update
+            on_rollout(policy)
         advantages = torch.linspace(-1.0, 1.0, n, dtype=torch.float32)
         return TrainBatch(trajectory=traj, cond=cond, advantages=advantages, fresh=True)
 

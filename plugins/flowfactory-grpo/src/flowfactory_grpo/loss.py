@@ -15,7 +15,7 @@ RatioNorm adds the shift back and multiplies by s:
 which is centred on 0 at every timestep, and the clipped loss uses r_guard. Gradient reweighting multiplies
 the policy term by 1 / |dt| (`guard_reweight`), since d, hence the gradient, scales with the step's |dt|.
 mu_old is the sampling policy's mean: on a fresh batch it is the current mean (detached); afterwards it is
-recomputed under no grad with a snapshot of the trainable parameters taken at the epoch's first (fresh) batch.
+recomputed under no grad with a snapshot of the trainable parameters taken by `on_rollout` after each rollout.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ class GRPO:
     def __init__(self, options: Any):
         self.options = options
         self._old_params: list[torch.Tensor] | None = None  # GRPO-Guard: the sampling policy's parameters
-        self._in_fresh_run = False  # inside the run of fresh batches the snapshot was taken at
 
     def check_sampler(self, sampler: Sampler) -> str | None:
         """Why this configuration cannot use `sampler` (GRPO-Guard's flow-sde restriction), or None."""
@@ -59,20 +58,21 @@ class GRPO:
     def units(self, batch: TrainBatch) -> list[int]:
         return batch.trajectory.stochastic_steps()
 
+    def on_rollout(self, policy: Policy) -> None:
+        """GRPO-Guard: keep the sampling policy's parameters, to recompute its step means after updates."""
+        if self.options.guard:
+            self._old_params = [p.detach().clone() for p in policy.trainable_parameters()]
+
     def _old_mean(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: int) -> torch.Tensor | None:
         """The sampling policy's step mean for a non-fresh batch (None for a fresh one: the current mean is it).
 
         Must run before the forward with grad: it swaps the snapshot into the parameters in place."""
-        params = policy.trainable_parameters()
         if batch.fresh:
-            if not self._in_fresh_run:  # first fresh batch of an epoch: the policy still is the sampling one
-                self._old_params = [p.detach().clone() for p in params]
-                self._in_fresh_run = True
             return None
-        self._in_fresh_run = False
         if self._old_params is None:
-            raise FlowFactoryError("optimizer `grpo` with `guard: true` got a non-fresh batch before any fresh one, "
-                                   "so the sampling policy is unknown; the first batch after a rollout must be fresh")
+            raise FlowFactoryError("optimizer `grpo` with `guard: true` got an update after a rollout without its "
+                                   "on_rollout snapshot of the sampling policy; call on_rollout(policy) after rollouts")
+        params = policy.trainable_parameters()
         traj = batch.trajectory
         with torch.no_grad():
             current = [p.detach().clone() for p in params]
