@@ -1,0 +1,267 @@
+"""Advantage Weighted Matching's objective (Xue et al. 2025; reference scxue/advantage_weighted_matching,
+`scripts/train_sd3_awm.py`).
+
+AWM samples with any (here: deterministic ODE) sampler and keeps only the final latents x0. For every
+micro-batch it draws K noise levels t (`units`) and for each a fresh eps, and uses the flow-matching error
+against the forward-process target as the log-likelihood surrogate:
+
+    x_t = (1 - t) x0 + t eps,    e = mean over latent dims of (v_theta(x_t, t) - (eps - x0))^2
+    log p = -w(e, t):  uniform e | t e | t^2 e | huber t (sqrt(e + d) - sqrt(d)) | ghuber t ((e + d)^p - d^p) / p
+    r = exp(log p_theta - log p_old)     (log p_old: the sampling policy, same x_t and eps, no grad)
+    A = clip(A, -c_A, c_A) [* advantage_max / c_A]
+    L = max(-A r, -A clip(r, 1 - c, 1 + c))  +  kl_beta KL_ref  +  ema_kl_beta KL_ema
+    KL_x = mean over latent dims of (v_theta - v_x)^2   [/ (2 std_t^2), std_t = 0.7 sqrt(t / (1 - min(t, 0.99)))]
+
+Errors and log-likelihoods are computed in float64, as the reference does. Every draw comes from a generator
+seeded by (run seed, a counter kept in `state_dict`), never from torch's global RNG, so a resumed run equals
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flowfactory.train.ema import EMA
+from flowfactory.train.loop import sample_seed
+from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
+
+_STREAM = 0x41574D  # "AWM": keeps this optimizer's seeds apart from the loop's (seed, epoch, index) seeds
+
+
+@dataclass
+class AWMUnit:
+    """One work unit: the k-th sampled noise level of a micro-batch.
+
+    times: [B] float32 noise level per row; noise_seed: seeds this unit's eps [B, *latent]."""
+
+    index: int
+    times: torch.Tensor
+    noise_seed: int
+
+
+def weighted_log_likelihood(err: torch.Tensor, t: torch.Tensor, weighting: str, delta: float = 1e-10,
+                            power: float = 0.25) -> torch.Tensor:
+    """The AWM log-likelihood surrogate from the per-sample flow-matching error `err` [B] at times `t` [B]
+    (reference `compute_log_prob_awm`)."""
+    t = t.to(err.dtype)
+    if weighting == "uniform":
+        return -err
+    if weighting == "t":
+        return -err * t
+    if weighting == "t^2":
+        return -err * t**2
+    if weighting == "huber":
+        return -(torch.sqrt(err + delta) - delta**0.5) * t
+    if weighting == "ghuber":
+        return -(torch.pow(err + delta, power) - delta**power) * t / power
+    raise ValueError(f"unknown AWM weighting {weighting!r}")
+
+
+def elbo_std(t: torch.Tensor) -> torch.Tensor:
+    """The reference's per-time std of the `elbo` KL weighting: 0.7 sqrt(t / (1 - min(t, 0.99)))."""
+    return torch.sqrt(t / (1 - torch.clamp(t, 0, 0.99))) * 0.7
+
+
+def sample_times(kind: str, k: int, b: int, gen: torch.Generator, *, sigmas: torch.Tensor | None = None,
+                 shift: float = 3.0, fraction: float = 0.9, lo: float = 0.2, hi: float = 1.0, mean: float = 0.0,
+                 std: float = 1.0, t_min: float = 0.01) -> torch.Tensor:
+    """[k, b] float32 noise levels, drawn as the reference's `time_type` does (stratified over the k units)."""
+    if kind == "logit_normal":
+        u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=gen, dtype=torch.float64)) / k
+        z = torch.distributions.Normal(0.0, 1.0).icdf(u.clamp(1e-7, 1 - 1e-7))
+        z = z[torch.randperm(k, generator=gen)]
+        t = torch.sigmoid(z * std + mean)
+        t = shift * t / (1 + (shift - 1) * t)
+        return t.clamp(min=t_min).float()[:, None].expand(k, b).contiguous()
+    if kind == "uniform":
+        u = (torch.arange(k, dtype=torch.float64)[:, None] + torch.rand(k, b, generator=gen, dtype=torch.float64)) / k
+        m = lo + u * (hi - lo)
+        m = torch.gather(m, 0, torch.rand(k, b, generator=gen).argsort(dim=0))  # shuffle each column
+        return (shift * m / (1 + (shift - 1) * m)).float()
+    if kind == "discrete":
+        if sigmas is None:
+            raise ValueError("discrete times need the sampler's sigmas")
+        steps = len(sigmas) - 1
+        bounds = torch.linspace(1, int(steps * fraction), k + 1, dtype=torch.float32)
+        lower, upper = bounds[:-1].long(), bounds[1:].long()
+        idx = lower + (torch.rand(k, generator=gen) * (upper - lower)).long()
+        return sigmas.detach().float().cpu()[idx][:, None].expand(k, b).contiguous()
+    raise ValueError(f"unknown AWM time_type {kind!r}")
+
+
+class AWM(OptimizerHooks):
+    """The `awm` policy optimizer (see the module docstring for the objective)."""
+
+    requirements = Requirements(keep="final", stochastic=False)
+
+    def __init__(self, options: Any, seed: int = 0):
+        self.options = options
+        self.seed = int(seed)
+        self.draws = 0  # micro-batches whose times/noise were drawn: the RNG counter
+        self.steps = 0  # optimizer steps taken (the linear EMA decay schedule counts them)
+        self.ema_steps = 0  # optimizer steps already folded into the EMA policy
+        self.ema: EMA | None = None  # the EMA policy (KL-EMA and off-policy sampling)
+        self._old: EMA | None = None  # snapshot of the sampling policy, taken in on_rollout
+        self._params: list[torch.nn.Parameter] | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # --- setup and hooks ------------------------------------------------------------------------------------
+    @property
+    def _needs_ema(self) -> bool:
+        return self.options.ema_kl_beta > 0 or self.options.off_policy
+
+    def setup(self, policy: Policy, sampler: Sampler) -> None:
+        """Take the trainable parameters and start the EMA policy at them (AWM works with any sampler)."""
+        self._params = list(policy.trainable_parameters())
+        if self._needs_ema and self.ema is None:
+            self.ema = EMA(self._params, self.options.ema_decay)
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+
+    def _parameters(self, policy: Policy) -> list[torch.nn.Parameter]:
+        if self._params is None:
+            self.setup(policy, None)  # type: ignore[arg-type]
+        assert self._params is not None
+        return self._params
+
+    def _ema_decay(self) -> float:
+        o = self.options
+        return o.ema_decay if o.ema_decay_schedule == "constant" else min(o.ema_decay, 0.001 * self.steps)
+
+    def _update_ema(self) -> None:
+        if self.ema is None or self._params is None or self.ema_steps == self.steps:
+            return
+        self.ema.decay = self._ema_decay()
+        self.ema.update(self._params)
+        self.ema_steps = self.steps
+
+    def sampling(self, policy: Policy) -> Any:
+        """Before the rollout: fold the last epoch's steps into the EMA policy (per-epoch update, as the
+        reference does at the end of an epoch); roll out with the EMA policy when `off_policy`."""
+        params = self._parameters(policy)
+        if self.options.ema_update == "epoch":
+            self._update_ema()
+        if self.options.off_policy and self.ema is not None:
+            return self.ema.swapped(params)
+        return nullcontext()
+
+    def on_rollout(self, policy: Policy) -> None:
+        """Snapshot the sampling policy: the `old` policy of the ratio for this epoch's non-fresh batches."""
+        if not self.options.off_policy:
+            self._old = EMA(self._parameters(policy), 1.0)
+
+    def on_step(self, policy: Policy) -> None:
+        self.steps += 1
+        if self.options.ema_update == "step":
+            self._update_ema()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"draws": self.draws, "steps": self.steps, "ema_steps": self.ema_steps,
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._needs_ema and self.ema is None and state.get("ema") is not None:
+            self._pending_state = state  # applied by setup(), once the parameters are known
+            return
+        self.draws, self.steps, self.ema_steps = int(state["draws"]), int(state["steps"]), int(state["ema_steps"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    # --- the loss ---------------------------------------------------------------------------------------------
+    def units(self, batch: TrainBatch) -> list[AWMUnit]:
+        """K noise levels for this micro-batch (stratified over the K units), from the counter's generator."""
+        o = self.options
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, _STREAM, self.draws))
+        b = len(batch.trajectory)
+        times = sample_times(o.time_type, o.num_times, b, gen, sigmas=batch.trajectory.sigmas, shift=o.time_shift,
+                             fraction=o.timestep_fraction, lo=o.time_min, hi=o.time_max, mean=o.logit_mean,
+                             std=o.logit_std, t_min=o.logit_t_min)
+        units = [AWMUnit(index=k, times=times[k], noise_seed=sample_seed(self.seed, _STREAM, self.draws, k + 1))
+                 for k in range(o.num_times)]
+        self.draws += 1
+        return units
+
+    @contextmanager
+    def _old_policy(self, policy: Policy) -> Iterator[None]:
+        """Inside: the old (sampling) policy's weights, under no grad."""
+        snap = self.ema if self.options.off_policy else self._old
+        with torch.no_grad(), (snap.swapped(self._parameters(policy)) if snap is not None else nullcontext()):
+            yield
+
+    def loss(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: AWMUnit) -> LossOutput:
+        o = self.options
+        x0 = batch.trajectory.final
+        gen = torch.Generator().manual_seed(unit.noise_seed)
+        eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=x0.device, dtype=x0.dtype)
+        t = unit.times.to(x0.device)
+        tb = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        x_t = (1 - tb) * x0 + tb * eps
+        target = (eps.double() - x0.double())
+        dims = tuple(range(1, x0.ndim))
+        t64 = t.double()
+
+        def log_p(v: torch.Tensor) -> torch.Tensor:
+            err = ((v.double() - target) ** 2).mean(dim=dims)
+            return weighted_log_likelihood(err, t64, o.weighting, o.huber_delta, o.ghuber_power)
+
+        # Swapped-in policies first: a swap writes the parameters in place, which must not happen between
+        # the forward with grad and its backward.
+        old_needed = o.off_policy or not batch.fresh
+        if old_needed:
+            if not o.off_policy and self._old is None:
+                raise RuntimeError("optimizer `awm` got a non-fresh batch before any rollout snapshot "
+                                   "(on_rollout was not called)")
+            with self._old_policy(policy):
+                old = log_p(policy.velocity(x_t, t, batch.cond))
+        v_ema = None
+        if o.ema_kl_beta > 0:
+            assert self.ema is not None
+            with torch.no_grad(), self.ema.swapped(self._parameters(policy)):
+                v_ema = policy.velocity(x_t, t, batch.cond)
+        v = policy.velocity(x_t, t, batch.cond)
+        lp = log_p(v)
+        if not old_needed:  # fresh: the policy is still the sampling one, so log p_old = log p_theta exactly
+            old = lp.detach()
+        adv = batch.advantages.double().clamp(-o.adv_clip, o.adv_clip)
+        if o.advantage_max is not None:
+            adv = adv / o.adv_clip * o.advantage_max
+        log_ratio = lp - old
+        ratio = torch.exp(log_ratio)
+        unclipped = -adv * ratio
+        clipped = -adv * torch.clamp(ratio, 1.0 - o.clip_range, 1.0 + o.clip_range)
+        policy_loss = torch.maximum(unclipped, clipped)
+        loss = policy_loss
+        metrics: dict[str, Any] = {
+            "awm/policy_loss": policy_loss.detach().mean(),
+            "awm/log_p": lp.detach().mean(),
+            "awm/fm_error": ((v.detach().double() - target) ** 2).mean(dim=dims).mean(),
+            "awm/t": t.detach().float().mean(),
+            "awm/ratio": ratio.detach().mean(),
+            "awm/clipfrac": ((ratio.detach() - 1.0).abs() > o.clip_range).double().mean(),
+            "awm/approx_kl": (0.5 * log_ratio.detach() ** 2).mean(),
+        }
+        if o.kl_beta > 0:
+            with policy.reference():
+                v_ref = policy.velocity(x_t, t, batch.cond)
+            kl = self._kl(v, v_ref, t64, o.kl_weight, dims)
+            loss = loss + o.kl_beta * kl
+            metrics["awm/kl"] = kl.detach().mean()
+        if v_ema is not None:
+            kl_ema = self._kl(v, v_ema, t64, o.ema_kl_weight, dims)
+            loss = loss + o.ema_kl_beta * kl_ema
+            metrics["awm/ema_kl"] = kl_ema.detach().mean()
+        return LossOutput(loss=loss.float(), metrics=metrics)
+
+    @staticmethod
+    def _kl(v: torch.Tensor, v_other: torch.Tensor, t: torch.Tensor, weight: str, dims: tuple[int, ...]) -> torch.Tensor:
+        """mean over latent dims of (v - v_other)^2, divided by 2 std_t^2 for the `elbo` weighting; [B]."""
+        kl = ((v.double() - v_other.detach().double()) ** 2).mean(dim=dims)
+        if weight == "elbo":
+            kl = kl / (2 * elbo_std(t) ** 2)
+        return kl
