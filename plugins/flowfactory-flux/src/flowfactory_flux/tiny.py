@@ -12,22 +12,11 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-# Whole-word T5 pieces: the words of flowfactory's built-in prompt sets and common image-prompt words.
-WORDS: tuple[str, ...] = tuple("""
-a an the of in on at with and or to from by for is are this that it its as
-red blue green yellow orange purple pink brown black white grey gray gold silver cyan magenta violet
-dark light bright pale deep vivid colour color colours colors
-square circle triangle star heart line dot stripe shape shapes round big small large tiny huge
-car cat dog bird fish horse cow tree flower house sky sea sun moon cloud mountain river road city
-apple banana cake cup ball box book chair table window door wall floor grass field forest beach
-photo picture image painting drawing sketch portrait landscape close up view scene background
-man woman person child people face hand eye hair smile standing sitting running flying
-day night morning evening summer winter snow rain fog water fire stone wood metal glass
-one two three four five many some high low left right top bottom middle centre center
-""".split())
+from flowfactory.testing.tokenizers import WORDS, clip_tokenizer, t5_tokenizer
+
+__all__ = ["FLUX_SCHEDULER_CONFIG", "WORDS", "TinyFluxSpec", "build_tiny_pipeline", "clip_tokenizer", "t5_tokenizer"]
 
 # FLUX.1's scheduler configuration (dynamic, resolution-dependent shift).
 FLUX_SCHEDULER_CONFIG: dict[str, object] = dict(
@@ -61,31 +50,6 @@ class TinyFluxSpec:
     t5_d_kv: int = 16
     t5_d_ff: int = 128
     sample_size: int = 32  # image side in pixels (recorded in the VAE config)
-
-
-def clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
-    """Character-level CLIP BPE (no merges) over the byte alphabet, each character also as word end."""
-    alphabet = sorted(ByteLevel.alphabet())
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for ch in alphabet:
-            vocab[ch + suffix] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
-
-def t5_tokenizer() -> T5TokenizerFast:
-    """T5 Unigram tokenizer: <pad>=0, </s>=1, <unk>=2, whole lowercase words, then single characters."""
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    seen = {p for p, _ in pieces}
-    for word in WORDS:
-        if "\u2581" + word not in seen:
-            pieces.append(("\u2581" + word, -4.0))
-            seen.add("\u2581" + word)
-    for ch in sorted(ByteLevel.alphabet()):
-        if ch not in seen:
-            pieces.append((ch, -10.0))
-            seen.add(ch)
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def build_tiny_pipeline(seed: int, spec: TinyFluxSpec = TinyFluxSpec()) -> FluxPipeline:

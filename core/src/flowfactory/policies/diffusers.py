@@ -1,0 +1,235 @@
+"""What every diffusers transformer policy shares, whatever the model: LoRA through peft under the run's seed,
+full finetune with a frozen reference copy, the reference view, trainable parameters, saving in diffusers
+format, FSDP block classes from `_no_split_modules`, dtype resolution and pipeline loading.
+
+A model plugin subclasses `DiffusersPolicyBase` and adds only what is its own (encoders, packing, schedule,
+velocity, decode). This module imports torch, diffusers and peft at its top: import it from build functions only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from flowfactory.errors import FlowFactoryError
+from flowfactory.registry import BuildContext
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class LoraSettings(Protocol):
+    """The LoRA fields a policy reads (`flowfactory.policies.options.LoraOptions` has them)."""
+
+    rank: int
+    alpha: float | None
+    target_modules: list[str]
+    dropout: float
+    init: str
+
+
+class DiffusersPolicyBase:
+    """The model-independent half of a diffusers policy: training setup, reference view, parameters, saving.
+
+    Subclasses set `name` (the registered policy name, used in errors) and `lora_target_hint` (the module
+    names to suggest when a LoRA target matches nothing), then call `_setup_training` from `__init__`.
+    `module` is the trainable transformer and may be replaced by the training loop with its Accelerate
+    wrapper; `transformer` stays the raw diffusers model (config, adapters, saving).
+    """
+
+    name: ClassVar[str] = "diffusers"
+    lora_target_hint: ClassVar[str] = ""
+
+    transformer: nn.Module
+    lora: LoraSettings | None
+    module: Any
+    fsdp_block_classes: tuple[type, ...]
+
+    def _setup_training(self, transformer: nn.Module, frozen: Sequence[nn.Module], *, lora: LoraSettings | None,
+                        seed: int, gradient_checkpointing: bool) -> None:
+        """Freeze `frozen`, add a LoRA adapter (or keep a frozen copy for a full finetune), set `module`."""
+        self.transformer = transformer
+        self.lora = lora
+        for part in frozen:
+            part.requires_grad_(False).eval()
+        self.fsdp_block_classes = block_classes(transformer)
+        self._frozen_copy: nn.Module | None = None
+        if lora is not None:
+            add_lora(transformer, lora, seed, policy=self.name, hint=self.lora_target_hint,
+                     exclude=self._dead_modules(transformer))
+        else:
+            transformer.requires_grad_(True)
+            for name in self._dead_modules(transformer):  # would never get a gradient: not trainable
+                transformer.get_submodule(name).requires_grad_(False)
+            # the pre-training policy for `reference()`; made before any Accelerate/FSDP wrapping
+            self._frozen_copy = copy.deepcopy(transformer).requires_grad_(False).eval()
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()  # only LoRA dropout depends on it; these transformers have no other train-time behaviour
+        self.module = transformer
+        self._in_reference = False
+
+    def _dead_modules(self, transformer: nn.Module) -> list[str]:
+        """Full names of modules whose output never reaches the velocity: no adapter (LoRA), frozen (full)."""
+        return []
+
+    def _network(self) -> nn.Module:
+        """What velocity calls: the frozen copy inside a full finetune's `reference()`, else `module`."""
+        if self._in_reference and self._frozen_copy is not None:
+            return self._frozen_copy
+        return self.module
+
+    def _move_reference(self, device: torch.device) -> None:
+        if self._frozen_copy is not None:
+            self._frozen_copy.to(device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA weights (float32), or every transformer parameter (but dead modules') for a full finetune.
+
+        Looked up on each call, not cached: FSDP replaces parameters when it shards the module, and
+        `reference()` switches the adapters' requires_grad off while it runs."""
+        if self.lora is None:
+            return [p for p in self.transformer.parameters() if p.requires_grad]
+        return [p for name, p in self.transformer.named_parameters() if "lora_" in name]
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """The pre-training policy under no grad: adapters disabled (LoRA) or the frozen copy (full)."""
+        if self._in_reference:
+            raise RuntimeError(f"{type(self).__name__}.reference() is not re-entrant")
+        self._in_reference = True
+        lora_off = self.lora is not None
+        try:
+            with torch.no_grad():
+                if lora_off:
+                    self.transformer.disable_adapters()
+                yield
+        finally:
+            if lora_off:
+                self.transformer.enable_adapters()
+            self._in_reference = False
+
+    def _save_weights(self, out: Path, pipeline_cls: type) -> str:
+        """LoRA: `pipeline_cls.save_lora_weights` into `out`; full: `out/transformer`. Returns "lora" or "full"."""
+        out.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            save_lora(pipeline_cls, self.transformer, out)
+            return "lora"
+        self.transformer.save_pretrained(out / "transformer")
+        return "full"
+
+
+def add_lora(transformer: nn.Module, lora: LoraSettings, seed: int, *, policy: str, hint: str,
+             exclude: Sequence[str] = ()) -> None:
+    """Inject a peft LoRA adapter (A drawn from `seed`, B zero), trainable in float32; freeze the rest.
+
+    `exclude`: full module names left without an adapter even though they match a target."""
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    names = [name for name, _ in transformer.named_modules()]
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise FlowFactoryError(
+            f"{policy} policy option lora.target_modules: {missing} match no module of the transformer; {hint}")
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+        target_modules=list(lora.target_modules), lora_dropout=lora.dropout,
+        init_lora_weights=True if lora.init == "default" else "gaussian",
+        exclude_modules=list(exclude) or None,
+    )
+    with torch.random.fork_rng(devices=[]):  # A's init draws from the global RNG: make it the run's seed
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # adapters train in float32 whatever the base dtype
+            p.requires_grad_(True)
+
+
+def save_lora(pipeline_cls: type, transformer: nn.Module, out: Path) -> None:
+    """The transformer's adapter as a diffusers LoRA file that `pipeline.load_lora_weights(out)` reads."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+    pipeline_cls.save_lora_weights(
+        out, transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+
+
+def write_notes(out: Path, info: dict[str, Any], readme: str) -> None:
+    """`flowfactory.json` (what was trained, how) and a README.md with the diffusers loading code."""
+    (out / "flowfactory.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "README.md").write_text(readme)
+
+
+def block_classes(transformer: nn.Module) -> tuple[type, ...]:
+    """The classes named by diffusers' `_no_split_modules`, found in the module tree."""
+    names = list(getattr(transformer, "_no_split_modules", None) or [])
+    found: dict[str, type] = {}
+    for m in transformer.modules():
+        if type(m).__name__ in names:
+            found.setdefault(type(m).__name__, type(m))
+    if not found:
+        raise FlowFactoryError(f"{type(transformer).__name__} declares no block classes in _no_split_modules "
+                               f"({names}); FSDP would not know what to wrap")
+    return tuple(found[n] for n in names if n in found)
+
+
+def resolve_dtype(option: str | None, ctx: BuildContext, *, tiny: bool) -> torch.dtype:
+    """The frozen parts' dtype: the policy option, else the run's dtype, else float32 (tiny) / bfloat16 (real)."""
+    if option is not None:
+        return DTYPES[option]
+    if ctx.dtype is not None:
+        return DTYPES[ctx.dtype] if isinstance(ctx.dtype, str) else ctx.dtype
+    return torch.float32 if tiny else torch.bfloat16
+
+
+def cast_parts(parts: Iterable[tuple[nn.Module, torch.dtype]]) -> None:
+    """Cast each module to its dtype in place (nn.Module.to: diffusers' own .to warns about fp32 modules)."""
+    for part, want in parts:
+        if part.dtype != want:
+            nn.Module.to(part, want)
+
+
+def dtype_keyword() -> str:
+    """diffusers renamed from_pretrained's `torch_dtype` to `dtype`; use the name the installed one takes."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def load_pipeline(pipeline_cls: type, model: str, revision: str | None, dtype: dict[str, torch.dtype], *,
+                  policy: str, example: str, gated: str = "") -> Any:
+    """`pipeline_cls.from_pretrained` with errors that name the policy's `model` option and the fix.
+
+    `example` is a hub id to suggest; `gated` an extra hint for access errors (e.g. "FLUX.1-dev is gated")."""
+    cls_name = pipeline_cls.__name__
+    path = Path(os.path.expanduser(model))
+    is_local = path.exists() or not HUB_ID.match(model)
+    if is_local:
+        if not path.is_dir():
+            raise FlowFactoryError(
+                f"{policy} policy option model={model!r}: no such folder. Give a folder written by "
+                f"{cls_name}.save_pretrained (it holds model_index.json) or a hub id such as {example}.")
+        if not (path / "model_index.json").is_file():
+            raise FlowFactoryError(
+                f"{policy} policy option model={model!r}: the folder has no model_index.json, so it is not a "
+                f"diffusers pipeline; point it at the folder {cls_name}.save_pretrained wrote.")
+    try:
+        return pipeline_cls.from_pretrained(str(path) if is_local else model, revision=revision,
+                                            **{dtype_keyword(): dtype})
+    except OSError as exc:
+        raise FlowFactoryError(
+            f"{policy} policy option model={model!r}{f' (revision {revision!r})' if revision else ''} could not be "
+            f"loaded: {exc}. Check the id, your network and Hugging Face login{f' ({gated})' if gated else ''}, or "
+            f"give a local folder.") from exc

@@ -1,0 +1,68 @@
+"""Option models shared by diffusers policy plugins; pydantic only, so entry-point modules may import them."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The attention projections of both streams of an MMDiT (FLUX, SD3): image stream, then text stream.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0",  # image-stream attention (double and single blocks)
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",  # text-stream attention (double blocks)
+)
+
+
+class LoraOptions(BaseModel):
+    """A peft LoRA adapter on the transformer; the base weights stay frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(32, ge=1, description="LoRA rank r.")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha: the update is scaled by alpha / rank. null: equal to rank (scale 1).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1,
+        description="Module names (peft suffix match) that get an adapter. Default: the attention projections "
+                    "of both streams, to_q/to_k/to_v/to_out.0 and add_q_proj/add_k_proj/add_v_proj/to_add_out.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout on the LoRA branch. It applies in every velocity call, rollouts included, so keep 0 "
+                    "for on-policy algorithms whose old and new log-probs must agree.")
+    init: Literal["default", "gaussian"] = Field(
+        "default", description="peft init of A (B is zero either way, so the adapter starts as the identity): "
+                               "default = Kaiming-uniform A, gaussian = Gaussian A.")
+
+
+class DiffusersPolicyOptions(BaseModel):
+    """Options every diffusers-pipeline policy shares: where the weights come from, dtype, LoRA or full
+    finetune, gradient checkpointing. A model's options subclass it and add their own (size, guidance)."""
+
+    model_config = ConfigDict(extra="forbid")
+    pipeline_name: ClassVar[str] = "diffusers pipeline"  # named in the error when model/preset are wrong
+
+    model: str | None = Field(
+        None, description="Hub id or local folder of the model's diffusers pipeline, loaded with from_pretrained. "
+                          "Give this or `preset`.")
+    preset: Literal["tiny"] | None = Field(
+        None, description="tiny: a ~7M-parameter random model built in-process from the run seed (32x32 images, "
+                          "4-channel VAE at scale 1, no downloads), for tests and CPU quickstarts. Give this or `model`.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the frozen parts (text encoders, VAE, and the transformer's base weights under "
+                          "LoRA). null: the run's dtype if set, else float32 for the tiny preset and bfloat16 "
+                          "for `model`. A full finetune keeps the trainable transformer in float32.")
+    lora: LoraOptions | None = Field(
+        None, description="Train a LoRA adapter with these settings; null: full finetune of the transformer.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute transformer block activations in backward: less memory, more compute.")
+
+    @model_validator(mode="after")
+    def _source(self) -> DiffusersPolicyOptions:
+        if (self.model is None) == (self.preset is None):
+            got = "both" if self.model is not None else "neither"
+            raise ValueError(f"give exactly one of `model` (a hub id or local {self.pipeline_name} folder) or "
+                             f"`preset` (tiny); got {got}")
+        if self.preset is not None and self.revision is not None:
+            raise ValueError("`revision` applies to `model` only; remove it when using `preset`")
+        return self
