@@ -1,0 +1,230 @@
+"""`SD3Policy`: a diffusers StableDiffusion3Pipeline seen through flowfactory's `Policy` protocol.
+
+What is SD3's own lives here: three text encoders (`encode_prompt`), classifier-free guidance with a negative
+prompt, the scheduler's static shift, timesteps in [0, 1000], VAE scaling. Latents stay unpacked [C, h, w]:
+the transformer's patch size does the packing. The math follows `StableDiffusion3Pipeline.__call__`, so an
+ODE rollout reproduces the pipeline's image from the same latents. LoRA, the reference view, trainable
+parameters and saving are the shared `flowfactory.policies.diffusers.DiffusersPolicyBase`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+from flowfactory.errors import FlowFactoryError
+from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype, write_notes
+from flowfactory.registry import BuildContext
+from flowfactory.samplers.flow import randn_per_sample
+from flowfactory.types import Conditioning
+from flowfactory_sd3 import LoraOptions, SD3Options
+
+TINY_SIZE = 32
+TINY_MAX_SEQUENCE_LENGTH = 16
+REAL_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
+REAL_GUIDANCE_SCALE = 4.5
+
+
+class SD3Policy(DiffusersPolicyBase):
+    """Implements `flowfactory.types.Policy` for Stable Diffusion 3 / 3.5 pipelines (or the tiny preset)."""
+
+    name = "sd3"
+    lora_target_hint = ("SD3 attention projections are to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, "
+                        "add_v_proj, to_add_out (SD3.5 dual-attention blocks also attn2.to_q ...; feed-forward: "
+                        "ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2)")
+
+    def __init__(
+        self,
+        pipe: StableDiffusion3Pipeline,
+        *,
+        height: int,
+        width: int,
+        max_sequence_length: int,
+        guidance_scale: float,
+        negative_prompt: str = "",
+        lora: LoraOptions | None = None,
+        gradient_checkpointing: bool = False,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+    ):
+        self.pipe = pipe
+        self.vae = pipe.vae
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.height, self.width = height, width
+        self.max_sequence_length = max_sequence_length
+        self.guidance_scale = guidance_scale
+        self.negative_prompt = negative_prompt
+        config = pipe.transformer.config
+        self.vae_scale_factor: int = pipe.vae_scale_factor
+        factor = config.patch_size * self.vae_scale_factor
+        if height % factor or width % factor:
+            raise FlowFactoryError(
+                f"sd3 policy options height={height}, width={width}: both must be multiples of {factor} "
+                f"(patch size {config.patch_size} x the VAE scale factor {self.vae_scale_factor}); "
+                f"try height: {max(factor, height // factor * factor)}, width: {max(factor, width // factor * factor)}")
+        largest = config.pos_embed_max_size * factor
+        if max(height, width) > largest:
+            raise FlowFactoryError(
+                f"sd3 policy options height={height}, width={width}: the transformer's position table "
+                f"(pos_embed_max_size {config.pos_embed_max_size}) covers at most {largest} pixels a side")
+        self.latent_shape: tuple[int, ...] = (
+            config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        self.compute_dtype: torch.dtype = pipe.transformer.dtype  # base weights; LoRA params are kept in float32
+        self._setup_training(
+            pipe.transformer, [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, self.vae)
+                               if m is not None],
+            lora=lora, seed=seed, gradient_checkpointing=gradient_checkpointing)
+        self._scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # private: set_timesteps mutates
+        self._sigmas: dict[int, torch.Tensor] = {}
+        self.to(self.device)
+
+    def _dead_modules(self, transformer: torch.nn.Module) -> list[str]:
+        """The text-query projection (and its norm) of context-pre-only blocks (SD3's last): that block's text
+        outputs are discarded, so these never get a gradient."""
+        names = {n for n, _ in transformer.named_modules()}
+        return [f"transformer_blocks.{i}.attn.{m}" for i, block in enumerate(transformer.transformer_blocks)
+                if getattr(block, "context_pre_only", False) for m in ("add_q_proj", "norm_added_q")
+                if f"transformer_blocks.{i}.attn.{m}" in names]
+
+    @property
+    def do_cfg(self) -> bool:
+        """True when guidance_scale > 1: velocity mixes a conditional and an unconditional pass."""
+        return self.guidance_scale > 1.0
+
+    def to(self, device: torch.device | str) -> SD3Policy:
+        """Move every part (and the reference copy) to `device`."""
+        self.device = torch.device(device)
+        self.pipe.to(self.device)
+        self._move_reference(self.device)
+        return self
+
+    # -- Policy protocol -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """`StableDiffusion3Pipeline.encode_prompt`: CLIP-L/G hidden states (padded) + T5 sequence [B, T, D] and
+        both CLIP projections [B, P]; with CFG also the negative prompt's, one row per prompt."""
+        embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=self.do_cfg, negative_prompt=self.negative_prompt,
+            max_sequence_length=self.max_sequence_length)
+        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if self.do_cfg:
+            cond |= {"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
+        return cond
+
+    def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """Gaussian latents [B, C, h, w]; row i drawn from generators[i], as the pipeline's prepare_latents."""
+        z = randn_per_sample(self.latent_shape, generators, device=self.device, dtype=torch.float32)
+        return z.to(self.compute_dtype)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The scheduler's own schedule (`set_timesteps`: static shift, 3.0 for SD3.5; dynamic if configured),
+        then 0; float32 CPU."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if steps not in self._sigmas:
+            sched = self._scheduler
+            kwargs = {}
+            if sched.config.get("use_dynamic_shifting", False):
+                _, h, w = self.latent_shape
+                patch = self.transformer.config.patch_size
+                kwargs["mu"] = calculate_shift(
+                    (h // patch) * (w // patch), sched.config.get("base_image_seq_len", 256),
+                    sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                    sched.config.get("max_shift", 1.16))
+            retrieve_timesteps(sched, steps, "cpu", **kwargs)
+            self._sigmas[steps] = sched.sigmas.detach().to(torch.float32).cpu()
+        return self._sigmas[steps].clone()
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Transformer velocity (noise - data) at noise level sigma, CFG-mixed when guidance_scale > 1."""
+        if tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(f"sd3 velocity: x has per-sample shape {tuple(x.shape[1:])}, expected "
+                             f"{self.latent_shape} (latents of {self.height}x{self.width} images)")
+        b, dtype, device = x.shape[0], self.compute_dtype, x.device
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        # the pipeline feeds scheduler.timesteps = sigmas * num_train_timesteps, in float32
+        timestep = (sigma.expand(b) if sigma.ndim == 0 else sigma) * self._scheduler.config.num_train_timesteps
+        embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
+        pooled = cond["pooled_prompt_embeds"].to(device=device, dtype=dtype)
+        hidden = x.to(dtype)
+        if self.do_cfg:  # one batch, unconditional rows first, as StableDiffusion3Pipeline.__call__
+            if "negative_prompt_embeds" not in cond:
+                raise KeyError("sd3 velocity: guidance_scale > 1 needs the negative prompt embeddings that encode() "
+                               "returns; re-encode the prompts with this policy")
+            embeds = torch.cat([cond["negative_prompt_embeds"].to(device=device, dtype=dtype), embeds])
+            pooled = torch.cat([cond["negative_pooled_prompt_embeds"].to(device=device, dtype=dtype), pooled])
+            hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
+        out = self._network()(hidden_states=hidden, timestep=timestep, encoder_hidden_states=embeds,
+                              pooled_projections=pooled, return_dict=False)[0]
+        if self.do_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + self.guidance_scale * (text - uncond)
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents to images [B, 3, H, W] in [0, 1], float32 (unscale, unshift, VAE decode)."""
+        latents = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def save(self, directory: str) -> None:
+        """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""
+        out = Path(directory)
+        kind = self._save_weights(out, StableDiffusion3Pipeline)
+        if kind == "lora":
+            load = ("pipe = StableDiffusion3Pipeline.from_pretrained(BASE, dtype=torch.bfloat16)\n"
+                    f"pipe.load_lora_weights({str(out)!r})")
+        else:
+            load = ("transformer = SD3Transformer2DModel.from_pretrained("
+                    f"{str(out / 'transformer')!r}, dtype=torch.bfloat16)\n"
+                    "pipe = StableDiffusion3Pipeline.from_pretrained(BASE, transformer=transformer, "
+                    "dtype=torch.bfloat16)")
+        info = {"policy": "sd3", "kind": kind, "height": self.height, "width": self.width,
+                "max_sequence_length": self.max_sequence_length, "guidance_scale": self.guidance_scale,
+                "negative_prompt": self.negative_prompt, "base": self.pipe.config.get("_name_or_path") or None}
+        write_notes(out, info,
+            f"# flowfactory sd3 policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE being the "
+            f"base StableDiffusion3Pipeline (hub id or folder):\n\n```python\nimport torch\n"
+            f"from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline\n{load}\n"
+            f"image = pipe(prompt, negative_prompt={self.negative_prompt!r}, height={self.height}, "
+            f"width={self.width}, max_sequence_length={self.max_sequence_length}, "
+            f"guidance_scale={self.guidance_scale}).images[0]\n```\n")
+
+
+def build_policy(options: SD3Options, ctx: BuildContext) -> SD3Policy:
+    """Load or build the pipeline and wrap it as an `SD3Policy`.
+
+    Frozen parts get the resolved dtype; a full finetune's transformer is float32 (master weights, mixed
+    precision is Accelerate's), a LoRA's base transformer the frozen dtype.
+    """
+    dtype = resolve_dtype(options.dtype, ctx, tiny=options.preset == "tiny")
+    transformer_dtype = dtype if options.lora is not None else torch.float32
+    if options.preset == "tiny":
+        from flowfactory_sd3.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(ctx.seed)  # float32
+        cast_parts(((pipe.text_encoder, dtype), (pipe.text_encoder_2, dtype), (pipe.text_encoder_3, dtype),
+                    (pipe.vae, dtype), (pipe.transformer, transformer_dtype)))
+        size, max_len, guidance = TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH, 1.0
+    else:
+        assert options.model is not None  # the options validator guarantees one of model/preset
+        pipe = load_pipeline(StableDiffusion3Pipeline, options.model, options.revision,
+                             {"transformer": transformer_dtype, "default": dtype}, policy="sd3",
+                             example="stabilityai/stable-diffusion-3.5-medium",
+                             gated="SD3.5 is gated: accept its licence on the Hub")
+        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        max_len, guidance = REAL_MAX_SEQUENCE_LENGTH, REAL_GUIDANCE_SCALE
+    height = options.height or size
+    return SD3Policy(
+        pipe, height=height, width=options.width or options.height or size,
+        max_sequence_length=options.max_sequence_length or max_len,
+        guidance_scale=options.guidance_scale if options.guidance_scale is not None else guidance,
+        negative_prompt=options.negative_prompt, lora=options.lora,
+        gradient_checkpointing=options.gradient_checkpointing, device=ctx.device, seed=ctx.seed,
+    )
