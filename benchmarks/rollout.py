@@ -1,4 +1,6 @@
-"""The flux policy's ODE rollout + decode against diffusers' FluxPipeline.__call__, in the same process.
+"""A policy's ODE rollout + decode against its stock diffusers pipeline's __call__, in the same process.
+
+Policies: flux (FluxPipeline) and sd3 (StableDiffusion3Pipeline), `--policy NAME`.
 
 Both sides start from the same prompts and packed latents, use the same weights (the tiny preset's seed,
 built once for the policy and once, independently, for a stock pipeline; or the same `--model` folder),
@@ -20,7 +22,7 @@ import statistics
 import time
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from flowfactory.plugins import load
 from flowfactory.registry import BuildContext
@@ -29,8 +31,25 @@ from flowfactory.samplers.flow import ODESampler
 PROMPTS = ["a red square", "a blue circle", "a green car", "a yellow star"]
 
 
+def _tiny(policy: str, seed: int):
+    if policy == "flux":
+        from flowfactory_flux.tiny import build_tiny_pipeline
+    else:
+        from flowfactory_sd3.tiny import build_tiny_pipeline
+    return build_tiny_pipeline(seed)
+
+
+# policy name -> (stock pipeline class, extra __call__ arguments taken from the policy)
+PIPELINES = {
+    "flux": (FluxPipeline, lambda pol: {"guidance_scale": pol.guidance_scale}),
+    "sd3": (StableDiffusion3Pipeline,
+            lambda pol: {"guidance_scale": pol.guidance_scale, "negative_prompt": pol.negative_prompt or None}),
+}
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--policy", default="flux", choices=sorted(PIPELINES), help="which policy to benchmark")
     p.add_argument("--steps", type=int, default=10, help="ODE / inference steps")
     p.add_argument("--batch", type=int, default=16, help="images per rollout")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (after one warm-up)")
@@ -64,17 +83,16 @@ def main() -> None:
         options["height"] = args.height
     if args.width:
         options["width"] = args.width
-    spec = load(strict=True).registry.get("policy", "flux")
+    spec = load(strict=True).registry.get("policy", args.policy)
+    pipeline_class, extra = PIPELINES[args.policy]
     policy = spec.create(options, BuildContext(seed=args.seed, device=device))
 
     # the stock pipeline in the policy's dtypes (a full finetune keeps its transformer in float32)
     dtypes = {"transformer": policy.compute_dtype, "default": getattr(torch, args.dtype)}
     if args.model:
-        pipe = FluxPipeline.from_pretrained(args.model, dtype=dtypes)
+        pipe = pipeline_class.from_pretrained(args.model, dtype=dtypes)
     else:
-        from flowfactory_flux.tiny import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline(args.seed)
+        pipe = _tiny(args.policy, args.seed)
         for name, part in pipe.components.items():
             want = dtypes.get(name, dtypes["default"])
             if isinstance(part, torch.nn.Module) and part.dtype != want:
@@ -94,8 +112,8 @@ def main() -> None:
 
     def theirs() -> torch.Tensor:
         return pipe(prompts, height=policy.height, width=policy.width, num_inference_steps=args.steps,
-                    max_sequence_length=policy.max_sequence_length, guidance_scale=policy.guidance_scale,
-                    latents=z.clone(), output_type="pt").images
+                    max_sequence_length=policy.max_sequence_length, latents=z.clone(), output_type="pt",
+                    **extra(policy)).images
 
     times: dict[str, list[float]] = {"ours": [], "pipeline": []}
     images: dict[str, torch.Tensor] = {}
@@ -124,14 +142,14 @@ def main() -> None:
     base = sum(p.numel() for n, p in policy.transformer.named_parameters() if "lora_" not in n)
     ours_s, pipe_s = statistics.median(times["ours"]), statistics.median(times["pipeline"])
     diff = float((images["ours"] - images["pipeline"]).abs().max())
-    print(f"flux rollout benchmark: {'tiny preset' if not args.model else args.model}, "
+    print(f"{args.policy} rollout benchmark: {'tiny preset' if not args.model else args.model}, "
           f"{policy.height}x{policy.width}, steps={args.steps}, batch={args.batch}, dtype={args.dtype}, "
           f"device={device}, torch threads={torch.get_num_threads()}, repeats={args.repeats} (alternating)")
     print(f"transformer parameters (without LoRA): {base:,}; policy: "
           f"{f'LoRA rank {args.lora}' if args.lora else 'full finetune'}")
     print(f"ours     (encode + ODESampler rollout + decode): median {ours_s:.3f} s  "
           f"[{', '.join(f'{t:.3f}' for t in times['ours'])}]")
-    print(f"pipeline (FluxPipeline.__call__, output_type=pt): median {pipe_s:.3f} s  "
+    print(f"pipeline ({pipeline_class.__name__}.__call__, output_type=pt): median {pipe_s:.3f} s  "
           f"[{', '.join(f'{t:.3f}' for t in times['pipeline'])}]")
     print(f"ratio ours / pipeline: {ours_s / pipe_s:.3f}  (target <= 1.0)")
     print(f"max abs image difference: {diff:.2e}")
