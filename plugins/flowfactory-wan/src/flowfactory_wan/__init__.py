@@ -1,0 +1,91 @@
+"""flowfactory-wan: the Wan 2.1 / 2.2 text-to-video policy (`wan`), trained as LoRA or full finetune.
+
+This entry-point module imports only flowfactory and pydantic, so `ff list` stays fast; torch, diffusers
+and transformers are imported by `build` (see `flowfactory_wan.policy`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from flowfactory import hookimpl
+from flowfactory.policies import quiet_transformers
+from flowfactory.policies.options import DiffusersPolicyOptions, LoraOptions
+from flowfactory.registry import BuildContext
+
+if TYPE_CHECKING:
+    from flowfactory_wan.policy import WanPolicy
+
+__version__ = "0.1.0"
+__all__ = ["WAN_LORA_TARGETS", "WanLoraOptions", "WanOptions", "build", "register_policies"]
+
+# Wan blocks' self-attention (attn1) and text cross-attention (attn2) projections.
+WAN_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class WanLoraOptions(LoraOptions):
+    """A peft LoRA adapter on each Wan expert (the same settings on both experts of Wan 2.2 A14B)."""
+
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(WAN_LORA_TARGETS), min_length=1,
+        description="Module names (peft suffix match) that get an adapter. Default: the self- and cross-attention "
+                    "projections to_q/to_k/to_v/to_out.0 (feed-forward: ffn.net.0.proj, ffn.net.2).")
+
+
+class WanOptions(DiffusersPolicyOptions):
+    """Options of the `wan` policy."""
+
+    pipeline_name: ClassVar[str] = "WanPipeline"
+
+    lora: WanLoraOptions | None = Field(  # type: ignore[assignment]
+        None, description="Train a LoRA adapter (on every expert) with these settings; null: full finetune of "
+                          "the transformer(s).")
+    height: int | None = Field(
+        None, ge=1, description="Video height in pixels (multiple of the VAE's spatial factor x patch size, 16 for "
+                                "Wan 2.1). null: 480, or 16 for the tiny preset.")
+    width: int | None = Field(
+        None, ge=1, description="Video width in pixels (same multiple as height). null: 832, or 16 for the tiny preset.")
+    num_frames: int | None = Field(
+        None, ge=1, description="Frames per video; num_frames - 1 must be a multiple of the VAE's temporal factor "
+                                "(4). null: 81 as WanPipeline, or 5 for the tiny preset.")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="UMT5 tokens the prompt is padded/truncated to. null: 512 as WanPipeline, "
+                                        "or 16 for the tiny preset.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, description="Classifier-free guidance scale; above 1 the policy runs the conditional and the "
+                                  "negative-prompt pass in one batch. null: 5.0 for `model`, 1.0 for the tiny preset.")
+    guidance_scale_2: float | None = Field(
+        None, ge=0.0, description="CFG scale of the second (low-noise) expert of Wan 2.2 A14B. null: guidance_scale.")
+    negative_prompt: str = Field(
+        "", description="The unconditional prompt of CFG (used only when guidance_scale > 1).")
+    shift: float | None = Field(
+        None, gt=0.0, description="The scheduler's flow shift (FlowMatchEuler `shift` or UniPC `flow_shift`). "
+                                  "null: the pipeline's (Wan 2.1 T2V ships 3.0; 5.0 is usual for 720p).")
+    boundary_ratio: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Two-expert models: the first (high-noise) expert acts while timestep >= "
+                                          "boundary_ratio x 1000, the second below. null: the pipeline's (0.875 for "
+                                          "Wan 2.2 A14B T2V).")
+    tiny_experts: int = Field(
+        1, ge=1, le=2, description="Tiny preset only: 2 builds a Wan 2.2-style pair of experts (boundary 0.875).")
+
+    @model_validator(mode="after")
+    def _tiny_only(self) -> WanOptions:
+        if self.tiny_experts != 1 and self.preset is None:
+            raise ValueError("`tiny_experts` applies to `preset: tiny` only; a `model` brings its own experts")
+        return self
+
+
+def build(options: WanOptions, ctx: BuildContext) -> WanPolicy:
+    """Build a `WanPolicy` (imports torch and diffusers only now)."""
+    with quiet_transformers():
+        from flowfactory_wan.policy import build_policy
+
+    return build_policy(options, ctx)
+
+
+@hookimpl
+def register_policies(register: Any) -> None:
+    register("wan", build, options=WanOptions,
+             summary="Wan 2.1/2.2 text-to-video (diffusers), CFG, two experts, LoRA or full finetune; preset tiny.")

@@ -1,0 +1,347 @@
+"""`WanPolicy`: a diffusers WanPipeline (Wan 2.1, or Wan 2.2 A14B's two experts) seen through `Policy`.
+
+What is Wan's own lives here: the UMT5 encoder (`encode_prompt`), CFG with a negative prompt, the scheduler's
+flow shift, latents [C, F', h, w] of the causal video VAE (normalised by its per-channel mean/std), and the
+expert switch of Wan 2.2: the first (high-noise) expert acts while timestep >= boundary_ratio x 1000, the
+second below; the acting expert's velocity is used and trained. `module` holds both experts (`WanExperts`).
+LoRA helpers, dtype resolution and loading are the shared `flowfactory.policies.diffusers`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import WanPipeline
+from torch import nn
+
+from flowfactory.errors import FlowFactoryError
+from flowfactory.policies.diffusers import (
+    DiffusersPolicyBase,
+    add_lora,
+    cast_parts,
+    load_pipeline,
+    resolve_dtype,
+    save_lora,
+    write_notes,
+)
+from flowfactory.registry import BuildContext
+from flowfactory.samplers.flow import randn_per_sample
+from flowfactory.types import Conditioning
+from flowfactory_wan import WanLoraOptions, WanOptions
+
+TINY = dict(height=16, width=16, num_frames=5, max_sequence_length=16, guidance_scale=1.0)
+REAL = dict(height=480, width=832, num_frames=81, max_sequence_length=512, guidance_scale=5.0)  # WanPipeline's
+
+
+class WanExperts(nn.Module):
+    """The trainable module: Wan's transformer, and Wan 2.2's second (low-noise) expert when there is one."""
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+
+    def experts(self) -> list[nn.Module]:
+        """The experts present, first (high-noise) expert first."""
+        return [m for m in (self.transformer, self.transformer_2) if m is not None]
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                expert: int = 0) -> torch.Tensor:
+        """Velocity of expert `expert` (0: transformer, 1: transformer_2)."""
+        net = self.transformer if expert == 0 else self.transformer_2
+        if net is None:
+            raise ValueError(f"WanExperts: expert {expert} does not exist")
+        return net(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                   return_dict=False)[0]
+
+
+class WanPolicy(DiffusersPolicyBase):
+    """Implements `flowfactory.types.Policy` for Wan text-to-video pipelines (or the tiny preset)."""
+
+    name = "wan"
+    lora_target_hint = ("Wan attention projections are to_q, to_k, to_v, to_out.0 (attn1: self, attn2: cross); "
+                        "feed-forward: ffn.net.0.proj, ffn.net.2")
+
+    def __init__(
+        self,
+        pipe: WanPipeline,
+        *,
+        height: int,
+        width: int,
+        num_frames: int,
+        max_sequence_length: int,
+        guidance_scale: float,
+        guidance_scale_2: float | None = None,
+        negative_prompt: str = "",
+        shift: float | None = None,
+        boundary_ratio: float | None = None,
+        lora: WanLoraOptions | None = None,
+        gradient_checkpointing: bool = False,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+    ):
+        self.pipe = pipe
+        self.vae = pipe.vae
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if pipe.transformer is None:
+            raise FlowFactoryError("wan policy: the pipeline has no `transformer`; Wan 2.2 single-stage variants "
+                                   "without the high-noise expert are not supported")
+        if getattr(pipe.config, "expand_timesteps", False):
+            raise FlowFactoryError("wan policy: expand_timesteps pipelines (Wan 2.2 TI2V-5B) are not supported")
+        self.height, self.width, self.num_frames = height, width, num_frames
+        self.max_sequence_length = max_sequence_length
+        self.guidance_scale = guidance_scale
+        self.guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
+        self.negative_prompt = negative_prompt
+        config = pipe.transformer.config
+        spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        _, ph, pw = config.patch_size
+        if height % (spatial * ph) or width % (spatial * pw):
+            f = spatial * ph
+            raise FlowFactoryError(
+                f"wan policy options height={height}, width={width}: both must be multiples of {f} (the VAE's "
+                f"spatial factor {spatial} x patch size {ph}); try height: {max(f, height // f * f)}, "
+                f"width: {max(f, width // f * f)}")
+        if (num_frames - 1) % temporal:
+            raise FlowFactoryError(
+                f"wan policy option num_frames={num_frames}: num_frames - 1 must be a multiple of the VAE's temporal "
+                f"factor {temporal}; try num_frames: {(num_frames - 1) // temporal * temporal + 1}")
+        self.latent_shape: tuple[int, ...] = (
+            config.in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+        self.compute_dtype: torch.dtype = pipe.transformer.dtype  # base weights; LoRA params are float32
+        self.transformer_2: nn.Module | None = getattr(pipe, "transformer_2", None)
+        ratio = boundary_ratio if boundary_ratio is not None else pipe.config.get("boundary_ratio")
+        if self.transformer_2 is None and boundary_ratio is not None:
+            raise FlowFactoryError("wan policy option boundary_ratio: the pipeline has a single expert (Wan 2.1); "
+                                   "remove the option")
+        if self.transformer_2 is not None and ratio is None:
+            raise FlowFactoryError("wan policy: the pipeline has transformer_2 but no boundary_ratio; set the "
+                                   "`boundary_ratio` option (0.875 for Wan 2.2 A14B T2V)")
+        self.boundary_ratio: float | None = ratio if self.transformer_2 is not None else None
+        scheduler_config = dict(pipe.scheduler.config)
+        if shift is not None:
+            key = "flow_shift" if "flow_shift" in scheduler_config else "shift"
+            scheduler_config[key] = shift
+        self._scheduler = type(pipe.scheduler).from_config(scheduler_config)  # private: set_timesteps mutates
+        self._num_train_timesteps = int(self._scheduler.config.num_train_timesteps)
+        self._sigmas: dict[int, torch.Tensor] = {}
+
+        self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
+                             gradient_checkpointing=gradient_checkpointing)
+        frozen_copy, frozen_copy_2 = self._frozen_copy, None
+        if self.transformer_2 is not None:
+            t2 = self.transformer_2
+            if lora is not None:  # its own adapter, A drawn from the next seed
+                add_lora(t2, lora, seed + 1, policy=self.name, hint=self.lora_target_hint)
+            else:
+                t2.requires_grad_(True)
+                frozen_copy_2 = copy.deepcopy(t2).requires_grad_(False).eval()
+            if gradient_checkpointing:
+                t2.enable_gradient_checkpointing()
+            t2.train()
+        self.experts = WanExperts(pipe.transformer, self.transformer_2)
+        if frozen_copy is not None:
+            self._frozen_copy = WanExperts(frozen_copy, frozen_copy_2)
+        self.module = self.experts
+        self.to(self.device)
+
+    @property
+    def do_cfg(self) -> bool:
+        """True when guidance_scale > 1 (as WanPipeline): velocity mixes a conditional and an unconditional pass."""
+        return self.guidance_scale > 1.0
+
+    def to(self, device: torch.device | str) -> WanPolicy:
+        """Move every part (and the reference copy) to `device`."""
+        self.device = torch.device(device)
+        self.pipe.to(self.device)
+        self._move_reference(self.device)
+        return self
+
+    def expert_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """[B] long: 0 where the first (high-noise) expert acts at `sigma`, 1 where the second does."""
+        timestep = torch.as_tensor(sigma, dtype=torch.float32) * self._num_train_timesteps
+        if self.boundary_ratio is None:
+            return torch.zeros(timestep.shape, dtype=torch.long, device=timestep.device)
+        return (timestep < self.boundary_ratio * self._num_train_timesteps).long()
+
+    # -- training setup over both experts --------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA weights of every expert (float32), or every expert's parameters for a full finetune."""
+        if self.lora is None:
+            return [p for p in self.experts.parameters() if p.requires_grad]
+        return [p for name, p in self.experts.named_parameters() if "lora_" in name]
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """The pre-training policy under no grad: adapters disabled on every expert (LoRA) or the frozen copy."""
+        if self._in_reference:
+            raise RuntimeError("WanPolicy.reference() is not re-entrant")
+        self._in_reference = True
+        lora_off = self.lora is not None
+        try:
+            with torch.no_grad():
+                if lora_off:
+                    for expert in self.experts.experts():
+                        expert.disable_adapters()
+                yield
+        finally:
+            if lora_off:
+                for expert in self.experts.experts():
+                    expert.enable_adapters()
+            self._in_reference = False
+
+    # -- Policy protocol -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """`WanPipeline.encode_prompt`: UMT5 states [B, L, D], zero past each prompt's tokens; with CFG also the
+        negative prompt's, one row per prompt."""
+        embeds, neg = self.pipe.encode_prompt(
+            prompt=list(prompts), negative_prompt=self.negative_prompt, do_classifier_free_guidance=self.do_cfg,
+            max_sequence_length=self.max_sequence_length, device=self.device)
+        cond = {"prompt_embeds": embeds}
+        if self.do_cfg:
+            cond["negative_prompt_embeds"] = neg
+        return cond
+
+    def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """Gaussian latents [B, C, F', h, w] in float32 (as WanPipeline.prepare_latents); row i from generators[i]."""
+        return randn_per_sample(self.latent_shape, generators, device=self.device, dtype=torch.float32)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The scheduler's own schedule (`set_timesteps` with its flow shift), ending at 0; float32 CPU."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if steps not in self._sigmas:
+            self._scheduler.set_timesteps(steps, device="cpu")
+            s = torch.as_tensor(self._scheduler.sigmas).detach().to(torch.float32).cpu()
+            if s.shape != (steps + 1,) or float(s[-1]) != 0.0:
+                raise FlowFactoryError(
+                    f"wan policy: the scheduler {type(self._scheduler).__name__} gives sigmas of shape "
+                    f"{tuple(s.shape)} ending at {float(s[-1])}; a flow scheduler ending at sigma 0 is needed")
+            self._sigmas[steps] = s
+        return self._sigmas[steps].clone()
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Velocity (noise - data) of the expert acting at sigma, CFG-mixed with that expert's guidance scale."""
+        if tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(f"wan velocity: x has per-sample shape {tuple(x.shape[1:])}, expected "
+                             f"{self.latent_shape} (latents of {self.num_frames}x{self.height}x{self.width} videos)")
+        b, device = x.shape[0], x.device
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        experts = self.expert_index(sigma)
+        if bool((experts == experts[0]).all()):
+            return self._expert_velocity(int(experts[0]), x, sigma, cond)
+        out = torch.empty_like(x)
+        for e in (0, 1):  # rows on either side of the boundary: each row gets its own acting expert
+            rows = (experts == e).nonzero().flatten()
+            if rows.numel():
+                out[rows] = self._expert_velocity(e, x[rows], sigma[rows], {k: v[rows] for k, v in cond.items()})
+        return out
+
+    def _expert_velocity(self, expert: int, x: torch.Tensor, sigma: torch.Tensor,
+                         cond: Conditioning) -> torch.Tensor:
+        dtype, device = self.compute_dtype, x.device
+        scale = self.guidance_scale if expert == 0 else self.guidance_scale_2
+        timestep = sigma * self._num_train_timesteps  # WanPipeline feeds scheduler.timesteps = sigmas x 1000
+        embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
+        hidden = x.to(dtype)
+        cfg = self.do_cfg
+        if cfg:  # one batch, conditional rows first
+            if "negative_prompt_embeds" not in cond:
+                raise KeyError("wan velocity: guidance_scale > 1 needs the negative prompt embeddings that encode() "
+                               "returns; re-encode the prompts with this policy")
+            embeds = torch.cat([embeds, cond["negative_prompt_embeds"].to(device=device, dtype=dtype)])
+            hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
+        out = self._network()(hidden, timestep, embeds, expert)
+        if cfg:
+            text, uncond = out.chunk(2)
+            out = uncond + scale * (text - uncond)
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents to videos [B, T, 3, H, W] in [0, 1], float32 (un-normalise, Wan VAE decode)."""
+        cfg = self.vae.config
+        view = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean).view(view).to(self.device, self.vae.dtype)
+        std = torch.tensor(cfg.latents_std).view(view).to(self.device, self.vae.dtype)
+        latents = x.to(device=self.device, dtype=self.vae.dtype) * std + mean
+        video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, T, H, W] in [-1, 1]
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+
+    def save(self, directory: str) -> None:
+        """LoRA: diffusers LoRA files (`pipe.load_lora_weights(dir)`, the second expert's from dir/transformer_2
+        with load_into_transformer_2=True); full: `dir/transformer` (and `dir/transformer_2`) model folders."""
+        out = Path(directory)
+        kind = self._save_weights(out, WanPipeline)
+        two = self.transformer_2 is not None
+        if kind == "lora":
+            load = ("pipe = WanPipeline.from_pretrained(BASE, dtype=torch.bfloat16)\n"
+                    f"pipe.load_lora_weights({str(out)!r})")
+            if two:
+                save_lora(WanPipeline, self.transformer_2, out / "transformer_2")
+                load += f"\npipe.load_lora_weights({str(out / 'transformer_2')!r}, load_into_transformer_2=True)"
+        else:
+            load = (f"transformer = WanTransformer3DModel.from_pretrained({str(out / 'transformer')!r}, "
+                    "dtype=torch.bfloat16)\n")
+            parts = "transformer=transformer"
+            if two:
+                self.transformer_2.save_pretrained(out / "transformer_2")
+                load += (f"transformer_2 = WanTransformer3DModel.from_pretrained("
+                         f"{str(out / 'transformer_2')!r}, dtype=torch.bfloat16)\n")
+                parts += ", transformer_2=transformer_2"
+            load += f"pipe = WanPipeline.from_pretrained(BASE, {parts}, dtype=torch.bfloat16)"
+        info = {"policy": "wan", "kind": kind, "experts": 2 if two else 1, "height": self.height,
+                "width": self.width, "num_frames": self.num_frames, "max_sequence_length": self.max_sequence_length,
+                "guidance_scale": self.guidance_scale, "guidance_scale_2": self.guidance_scale_2 if two else None,
+                "boundary_ratio": self.boundary_ratio, "negative_prompt": self.negative_prompt,
+                "shift": self._scheduler.config.get("flow_shift", self._scheduler.config.get("shift")),
+                "base": self.pipe.config.get("_name_or_path") or None}
+        write_notes(out, info,
+            f"# flowfactory wan policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE being the "
+            f"base WanPipeline (hub id or folder):\n\n```python\nimport torch\n"
+            f"from diffusers import WanPipeline, WanTransformer3DModel\n{load}\n"
+            f"video = pipe(prompt, negative_prompt={self.negative_prompt!r}, height={self.height}, "
+            f"width={self.width}, num_frames={self.num_frames}, max_sequence_length={self.max_sequence_length}, "
+            f"guidance_scale={self.guidance_scale}).frames[0]\n```\n")
+
+
+def build_policy(options: WanOptions, ctx: BuildContext) -> WanPolicy:
+    """Load or build the pipeline and wrap it as a `WanPolicy`.
+
+    Frozen parts get the resolved dtype; a full finetune's experts are float32 (master weights, mixed precision
+    is Accelerate's), a LoRA's base experts the frozen dtype.
+    """
+    dtype = resolve_dtype(options.dtype, ctx, tiny=options.preset == "tiny")
+    transformer_dtype = dtype if options.lora is not None else torch.float32
+    if options.preset == "tiny":
+        from flowfactory_wan.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(ctx.seed, experts=options.tiny_experts)  # float32
+        cast_parts([(pipe.text_encoder, dtype), (pipe.vae, dtype)]
+                   + [(t, transformer_dtype) for t in (pipe.transformer, pipe.transformer_2) if t is not None])
+        defaults = TINY
+    else:
+        assert options.model is not None  # the options validator guarantees one of model/preset
+        pipe = load_pipeline(WanPipeline, options.model, options.revision,
+                             {"transformer": transformer_dtype, "transformer_2": transformer_dtype,
+                              "default": dtype}, policy="wan", example="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+        defaults = REAL
+    return WanPolicy(
+        pipe, height=options.height or int(defaults["height"]), width=options.width or int(defaults["width"]),
+        num_frames=options.num_frames or int(defaults["num_frames"]),
+        max_sequence_length=options.max_sequence_length or int(defaults["max_sequence_length"]),
+        guidance_scale=options.guidance_scale if options.guidance_scale is not None
+        else float(defaults["guidance_scale"]),
+        guidance_scale_2=options.guidance_scale_2, negative_prompt=options.negative_prompt, shift=options.shift,
+        boundary_ratio=options.boundary_ratio, lora=options.lora,
+        gradient_checkpointing=options.gradient_checkpointing, device=ctx.device, seed=ctx.seed,
+    )
+
