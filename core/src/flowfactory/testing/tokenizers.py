@@ -7,7 +7,7 @@ words plus single characters. Imports transformers: use from tiny-model builders
 from __future__ import annotations
 
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTokenizer, T5TokenizerFast
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5TokenizerFast
 
 # Whole-word T5 pieces: the words of flowfactory's built-in prompt sets and common image-prompt words.
 WORDS: tuple[str, ...] = tuple("""
@@ -47,3 +47,20 @@ def t5_tokenizer() -> T5TokenizerFast:
             pieces.append((ch, -10.0))
             seen.add(ch)
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    """Byte-level Qwen2 BPE (no merges: one token per byte) with Qwen's chat special tokens.
+
+    `<|endoftext|>` pads; `<|im_start|>` and `<|im_end|>` stay single tokens, so chat templates such as
+    QwenImagePipeline's prompt template tokenize as on the real tokenizer, only with more tokens."""
+    vocab: dict[str, int] = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tokenizer

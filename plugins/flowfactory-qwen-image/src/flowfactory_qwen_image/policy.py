@@ -1,0 +1,256 @@
+"""`QwenImagePolicy`: a diffusers QwenImagePipeline seen through flowfactory's `Policy` protocol.
+
+What is Qwen-Image's own lives here: the Qwen2.5-VL text encoder behind a chat template whose system prefix is
+dropped (its token count recomputed for the tokenizer actually loaded), true CFG with a negative prompt and
+norm rescaling, the scheduler's dynamic (exponential) shift from the image token count, 2x2-packed latents,
+timesteps in [0, 1], the VAE's per-channel latent statistics. The math follows `QwenImagePipeline.__call__`, so
+an ODE rollout reproduces the pipeline's image from the same latents. LoRA, the reference view, trainable
+parameters and saving are the shared `flowfactory.policies.diffusers.DiffusersPolicyBase`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import QwenImagePipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+from flowfactory.errors import FlowFactoryError
+from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype, write_notes
+from flowfactory.registry import BuildContext
+from flowfactory.samplers.flow import randn_per_sample
+from flowfactory.types import Conditioning
+from flowfactory_qwen_image import LoraOptions, QwenImageOptions
+
+TINY_SIZE = 32
+TINY_MAX_SEQUENCE_LENGTH = 32
+REAL_SIZE = 1024  # QwenImagePipeline: default_sample_size 128 x VAE scale 8
+REAL_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's default
+REAL_TRUE_CFG_SCALE = 4.0
+
+
+def template_prefix_tokens(pipe: QwenImagePipeline) -> int:
+    """Tokens of the prompt template before `{}` under the pipeline's own tokenizer: the system prefix that
+    `_get_qwen_prompt_embeds` drops. The pipeline hard-codes 34, right only for the real Qwen tokenizer."""
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    return len(pipe.tokenizer(prefix).input_ids)
+
+
+class QwenImagePolicy(DiffusersPolicyBase):
+    """Implements `flowfactory.types.Policy` for Qwen-Image pipelines (or the tiny preset)."""
+
+    name = "qwen-image"
+    lora_target_hint = ("Qwen-Image attention projections are to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, "
+                        "add_v_proj, to_add_out; feed-forward: img_mlp.net.0.proj, img_mlp.net.2, "
+                        "txt_mlp.net.0.proj, txt_mlp.net.2; modulation: img_mod.1, txt_mod.1")
+
+    def __init__(
+        self,
+        pipe: QwenImagePipeline,
+        *,
+        height: int,
+        width: int,
+        max_sequence_length: int,
+        true_cfg_scale: float,
+        negative_prompt: str = " ",
+        lora: LoraOptions | None = None,
+        gradient_checkpointing: bool = False,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+    ):
+        self.pipe = pipe
+        self.vae = pipe.vae
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.height, self.width = height, width
+        self.max_sequence_length = max_sequence_length
+        self.true_cfg_scale = true_cfg_scale
+        self.negative_prompt = negative_prompt
+        self.vae_scale_factor: int = pipe.vae_scale_factor
+        factor = 2 * self.vae_scale_factor
+        if height % factor or width % factor:
+            raise FlowFactoryError(
+                f"qwen-image policy options height={height}, width={width}: both must be multiples of {factor} "
+                f"(patch size 2 x the VAE scale factor {self.vae_scale_factor}); "
+                f"try height: {max(factor, height // factor * factor)}, width: {max(factor, width // factor * factor)}")
+        # the pipeline's hard-coded 34 assumes Qwen's tokenizer; count the prefix with the one loaded
+        pipe.prompt_template_encode_start_idx = template_prefix_tokens(pipe)
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        self.latent_hw: tuple[int, int] = (h, w)
+        self.latent_channels: int = pipe.vae.config.z_dim
+        self.latent_shape: tuple[int, ...] = ((h // 2) * (w // 2), self.latent_channels * 4)
+        self.compute_dtype: torch.dtype = pipe.transformer.dtype  # base weights; LoRA params are kept in float32
+        self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
+                             gradient_checkpointing=gradient_checkpointing)
+        self._scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # private: set_timesteps mutates
+        self._sigmas: dict[int, torch.Tensor] = {}
+        self.to(self.device)
+
+    def _dead_modules(self, transformer: torch.nn.Module) -> list[str]:
+        """The last block's text-stream output path (text queries and their norm, attention out projection, text
+        MLP): the transformer discards the text stream after it, so these never get a gradient."""
+        block = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}"
+        names = {n for n, _ in transformer.named_modules()}
+        return [f"{block}.{m}" for m in ("attn.add_q_proj", "attn.norm_added_q", "attn.to_add_out", "txt_mlp")
+                if f"{block}.{m}" in names]
+
+    @property
+    def do_cfg(self) -> bool:
+        """True when true_cfg_scale > 1: velocity mixes a conditional and an unconditional pass."""
+        return self.true_cfg_scale > 1.0
+
+    def to(self, device: torch.device | str) -> QwenImagePolicy:
+        """Move every part (and the reference copy) to `device`."""
+        self.device = torch.device(device)
+        self.pipe.to(self.device)
+        self._move_reference(self.device)
+        return self
+
+    # -- Policy protocol -------------------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`QwenImagePipeline.encode_prompt`, zero-padded to max_sequence_length with a 0/1 mask [B, L]."""
+        embeds, mask = self.pipe.encode_prompt(prompt=list(prompts), device=self.device,
+                                               max_sequence_length=self.max_sequence_length)
+        b, n, d = embeds.shape
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.long, device=embeds.device)
+        pad = self.max_sequence_length - n
+        embeds = torch.cat([embeds, embeds.new_zeros(b, pad, d)], dim=1)
+        mask = torch.cat([mask.long(), mask.new_zeros(b, pad, dtype=torch.long)], dim=1)
+        return embeds, mask
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Qwen2.5-VL last hidden states of the templated prompt, system prefix dropped, [B, L, D] with its
+        mask [B, L]; with true CFG also the negative prompt's, one row per prompt."""
+        embeds, mask = self._encode(prompts)
+        cond = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+        if self.do_cfg:
+            neg, neg_mask = self._encode([self.negative_prompt] * len(prompts))
+            cond |= {"negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
+        return cond
+
+    def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """Gaussian packed latents [B, tokens, 4C]; row i drawn from generators[i] as the pipeline's
+        prepare_latents ([1, C, h, w] per sample, then 2x2 packing)."""
+        h, w = self.latent_hw
+        z = randn_per_sample((1, self.latent_channels, h, w), generators, device=self.device, dtype=torch.float32)
+        z = self.pipe._pack_latents(z, len(generators), self.latent_channels, h, w)
+        return z.to(self.compute_dtype)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The pipeline's schedule: linspace(1, 1/steps) through the scheduler with mu from the image token
+        count (dynamic shift), then 0; float32 CPU. One step is [1, 0]: the scheduler's stretch to
+        shift_terminal divides by zero there (the pipeline itself gives NaN)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if steps == 1:
+            return torch.tensor([1.0, 0.0])
+        if steps not in self._sigmas:
+            sched = self._scheduler
+            mu = calculate_shift(
+                self.latent_shape[0], sched.config.get("base_image_seq_len", 256),
+                sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                sched.config.get("max_shift", 1.15))
+            retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+            self._sigmas[steps] = sched.sigmas.detach().to(torch.float32).cpu()
+        return self._sigmas[steps].clone()
+
+    def _transformer(self, hidden: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+        h, w = self.latent_hw
+        img_shapes = [[(1, h // 2, w // 2)]] * hidden.shape[0]
+        return self._network()(hidden_states=hidden, timestep=timestep, guidance=None,
+                               encoder_hidden_states_mask=mask, encoder_hidden_states=embeds,
+                               img_shapes=img_shapes, return_dict=False)[0]
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Transformer velocity (noise - data) for packed latents at noise level sigma; with true CFG the
+        pipeline's norm-rescaled mix of the conditional and unconditional passes."""
+        if tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(f"qwen-image velocity: x has per-sample shape {tuple(x.shape[1:])}, expected "
+                             f"{self.latent_shape} (packed latents of {self.height}x{self.width} images)")
+        b, dtype, device = x.shape[0], self.compute_dtype, x.device
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        # the pipeline feeds scheduler.timesteps (sigma * 1000, float32) cast to the latents' dtype, over 1000
+        t = (sigma.expand(b) if sigma.ndim == 0 else sigma) * self._scheduler.config.num_train_timesteps
+        timestep = t.to(dtype) / 1000
+        hidden = x.to(dtype)
+        out = self._transformer(hidden, timestep, cond["prompt_embeds"].to(device=device, dtype=dtype),
+                                cond["prompt_embeds_mask"].to(device))
+        if self.do_cfg:
+            if "negative_prompt_embeds" not in cond:
+                raise KeyError("qwen-image velocity: true_cfg_scale > 1 needs the negative prompt embeddings that "
+                               "encode() returns; re-encode the prompts with this policy")
+            neg = self._transformer(hidden, timestep, cond["negative_prompt_embeds"].to(device=device, dtype=dtype),
+                                    cond["negative_prompt_embeds_mask"].to(device))
+            mixed = neg + self.true_cfg_scale * (out - neg)
+            out = mixed * (torch.norm(out, dim=-1, keepdim=True) / torch.norm(mixed, dim=-1, keepdim=True))
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed latents to images [B, 3, H, W] in [0, 1], float32 (unpack, un-normalise, VAE decode)."""
+        vae = self.vae
+        latents = self.pipe._unpack_latents(x.to(self.device), self.height, self.width, self.vae_scale_factor)
+        latents = latents.to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        image = vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def save(self, directory: str) -> None:
+        """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""
+        out = Path(directory)
+        kind = self._save_weights(out, QwenImagePipeline)
+        if kind == "lora":
+            load = ("pipe = QwenImagePipeline.from_pretrained(BASE, dtype=torch.bfloat16)\n"
+                    f"pipe.load_lora_weights({str(out)!r})")
+        else:
+            load = ("transformer = QwenImageTransformer2DModel.from_pretrained("
+                    f"{str(out / 'transformer')!r}, dtype=torch.bfloat16)\n"
+                    "pipe = QwenImagePipeline.from_pretrained(BASE, transformer=transformer, dtype=torch.bfloat16)")
+        cfg = f"negative_prompt={self.negative_prompt!r}, true_cfg_scale={self.true_cfg_scale}, " if self.do_cfg else ""
+        info = {"policy": "qwen-image", "kind": kind, "height": self.height, "width": self.width,
+                "max_sequence_length": self.max_sequence_length, "true_cfg_scale": self.true_cfg_scale,
+                "negative_prompt": self.negative_prompt, "base": self.pipe.config.get("_name_or_path") or None}
+        write_notes(out, info,
+            f"# flowfactory qwen-image policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE being "
+            f"the base QwenImagePipeline (hub id or folder):\n\n```python\nimport torch\n"
+            f"from diffusers import QwenImagePipeline, QwenImageTransformer2DModel\n{load}\n"
+            f"image = pipe(prompt, {cfg}height={self.height}, width={self.width}, "
+            f"max_sequence_length={self.max_sequence_length}).images[0]\n```\n")
+
+
+def build_policy(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolicy:
+    """Load or build the pipeline and wrap it as a `QwenImagePolicy`.
+
+    Frozen parts get the resolved dtype; a full finetune's transformer is float32 (master weights, mixed
+    precision is Accelerate's), a LoRA's base transformer the frozen dtype.
+    """
+    dtype = resolve_dtype(options.dtype, ctx, tiny=options.preset == "tiny")
+    transformer_dtype = dtype if options.lora is not None else torch.float32
+    if options.preset == "tiny":
+        from flowfactory_qwen_image.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(ctx.seed)  # float32
+        cast_parts(((pipe.text_encoder, dtype), (pipe.vae, dtype), (pipe.transformer, transformer_dtype)))
+        size, max_len, cfg = TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH, 1.0
+    else:
+        assert options.model is not None  # the options validator guarantees one of model/preset
+        pipe = load_pipeline(QwenImagePipeline, options.model, options.revision,
+                             {"transformer": transformer_dtype, "default": dtype}, policy="qwen-image",
+                             example="Qwen/Qwen-Image")
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        max_len, cfg = REAL_MAX_SEQUENCE_LENGTH, REAL_TRUE_CFG_SCALE
+    height = options.height or size
+    return QwenImagePolicy(
+        pipe, height=height, width=options.width or options.height or size,
+        max_sequence_length=options.max_sequence_length or max_len,
+        true_cfg_scale=options.true_cfg_scale if options.true_cfg_scale is not None else cfg,
+        negative_prompt=options.negative_prompt, lora=options.lora,
+        gradient_checkpointing=options.gradient_checkpointing, device=ctx.device, seed=ctx.seed,
+    )
