@@ -118,6 +118,26 @@ class DiffusersPolicyBase:
                 self.transformer.enable_adapters()
             self._in_reference = False
 
+    def _save_with_notes(self, directory: str, pipeline_cls: type, transformer_cls: type, policy: str,
+                         info: dict[str, Any], call_args: str) -> None:
+        """Save the weights (`_save_weights`) and beside them `flowfactory.json` (`info` plus policy, kind and
+        base) and a README with the diffusers code that loads them; `call_args` follow `pipe(prompt, `."""
+        out = Path(directory)
+        kind = self._save_weights(out, pipeline_cls)
+        pipe_name, tr_name = pipeline_cls.__name__, transformer_cls.__name__
+        if kind == "lora":
+            load = (f"pipe = {pipe_name}.from_pretrained(BASE, dtype=torch.bfloat16)\n"
+                    f"pipe.load_lora_weights({str(out)!r})")
+        else:
+            load = (f"transformer = {tr_name}.from_pretrained({str(out / 'transformer')!r}, dtype=torch.bfloat16)\n"
+                    f"pipe = {pipe_name}.from_pretrained(BASE, transformer=transformer, dtype=torch.bfloat16)")
+        imports = ", ".join(sorted((pipe_name, tr_name)))
+        write_notes(out, {"policy": policy, "kind": kind, **info,
+                          "base": self.pipe.config.get("_name_or_path") or None},
+                    f"# flowfactory {policy} policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE "
+                    f"being the base {pipe_name} (hub id or folder):\n\n```python\nimport torch\n"
+                    f"from diffusers import {imports}\n{load}\nimage = pipe(prompt, {call_args}).images[0]\n```\n")
+
     def _save_weights(self, out: Path, pipeline_cls: type) -> str:
         """LoRA: `pipeline_cls.save_lora_weights` into `out`; full: `out/transformer`. Returns "lora" or "full"."""
         out.mkdir(parents=True, exist_ok=True)

@@ -7,16 +7,15 @@ so an ODE rollout of this policy reproduces the pipeline's image from the same l
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype, write_notes
+from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import randn_per_sample
 from flowfactory.types import Conditioning
@@ -148,25 +147,12 @@ class FluxPolicy(DiffusersPolicyBase):
 
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""
-        out = Path(directory)
-        kind = self._save_weights(out, FluxPipeline)
-        if kind == "lora":
-            load = ("pipe = FluxPipeline.from_pretrained(BASE, dtype=torch.bfloat16)\n"
-                    f"pipe.load_lora_weights({str(out)!r})")
-        else:
-            load = ("transformer = FluxTransformer2DModel.from_pretrained("
-                    f"{str(out / 'transformer')!r}, dtype=torch.bfloat16)\n"
-                    "pipe = FluxPipeline.from_pretrained(BASE, transformer=transformer, dtype=torch.bfloat16)")
-        info = {"policy": "flux", "kind": kind, "height": self.height, "width": self.width,
-                "max_sequence_length": self.max_sequence_length, "guidance_scale": self.guidance_scale,
-                "base": self.pipe.config.get("_name_or_path") or None}
-        write_notes(out, info,
-            f"# flowfactory flux policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE being the "
-            f"base FluxPipeline (hub id or folder):\n\n```python\nimport torch\n"
-            f"from diffusers import FluxPipeline, FluxTransformer2DModel\n{load}\n"
-            f"image = pipe(prompt, height={self.height}, width={self.width}, "
-            f"max_sequence_length={self.max_sequence_length}, guidance_scale={self.guidance_scale}).images[0]\n"
-            f"```\n")
+        self._save_with_notes(
+            directory, FluxPipeline, FluxTransformer2DModel, "flux",
+            {"height": self.height, "width": self.width, "max_sequence_length": self.max_sequence_length,
+             "guidance_scale": self.guidance_scale},
+            f"height={self.height}, width={self.width}, max_sequence_length={self.max_sequence_length}, "
+            f"guidance_scale={self.guidance_scale}")
 
     # -- helpers ---------------------------------------------------------------------------------------------
 

@@ -10,15 +10,13 @@ parameters and saving are the shared `flowfactory.policies.diffusers.DiffusersPo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from diffusers import QwenImagePipeline
+from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype, write_notes
+from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import randn_per_sample
 from flowfactory.types import Conditioning
@@ -204,25 +202,12 @@ class QwenImagePolicy(DiffusersPolicyBase):
 
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""
-        out = Path(directory)
-        kind = self._save_weights(out, QwenImagePipeline)
-        if kind == "lora":
-            load = ("pipe = QwenImagePipeline.from_pretrained(BASE, dtype=torch.bfloat16)\n"
-                    f"pipe.load_lora_weights({str(out)!r})")
-        else:
-            load = ("transformer = QwenImageTransformer2DModel.from_pretrained("
-                    f"{str(out / 'transformer')!r}, dtype=torch.bfloat16)\n"
-                    "pipe = QwenImagePipeline.from_pretrained(BASE, transformer=transformer, dtype=torch.bfloat16)")
         cfg = f"negative_prompt={self.negative_prompt!r}, true_cfg_scale={self.true_cfg_scale}, " if self.do_cfg else ""
-        info = {"policy": "qwen-image", "kind": kind, "height": self.height, "width": self.width,
-                "max_sequence_length": self.max_sequence_length, "true_cfg_scale": self.true_cfg_scale,
-                "negative_prompt": self.negative_prompt, "base": self.pipe.config.get("_name_or_path") or None}
-        write_notes(out, info,
-            f"# flowfactory qwen-image policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE being "
-            f"the base QwenImagePipeline (hub id or folder):\n\n```python\nimport torch\n"
-            f"from diffusers import QwenImagePipeline, QwenImageTransformer2DModel\n{load}\n"
-            f"image = pipe(prompt, {cfg}height={self.height}, width={self.width}, "
-            f"max_sequence_length={self.max_sequence_length}).images[0]\n```\n")
+        self._save_with_notes(
+            directory, QwenImagePipeline, QwenImageTransformer2DModel, "qwen-image",
+            {"height": self.height, "width": self.width, "max_sequence_length": self.max_sequence_length,
+             "true_cfg_scale": self.true_cfg_scale, "negative_prompt": self.negative_prompt},
+            f"{cfg}height={self.height}, width={self.width}, max_sequence_length={self.max_sequence_length}")
 
 
 def build_policy(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolicy:

@@ -9,14 +9,12 @@ parameters and saving are the shared `flowfactory.policies.diffusers.DiffusersPo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype, write_notes
+from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import randn_per_sample
 from flowfactory.types import Conditioning
@@ -175,26 +173,12 @@ class SD3Policy(DiffusersPolicyBase):
 
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""
-        out = Path(directory)
-        kind = self._save_weights(out, StableDiffusion3Pipeline)
-        if kind == "lora":
-            load = ("pipe = StableDiffusion3Pipeline.from_pretrained(BASE, dtype=torch.bfloat16)\n"
-                    f"pipe.load_lora_weights({str(out)!r})")
-        else:
-            load = ("transformer = SD3Transformer2DModel.from_pretrained("
-                    f"{str(out / 'transformer')!r}, dtype=torch.bfloat16)\n"
-                    "pipe = StableDiffusion3Pipeline.from_pretrained(BASE, transformer=transformer, "
-                    "dtype=torch.bfloat16)")
-        info = {"policy": "sd3", "kind": kind, "height": self.height, "width": self.width,
-                "max_sequence_length": self.max_sequence_length, "guidance_scale": self.guidance_scale,
-                "negative_prompt": self.negative_prompt, "base": self.pipe.config.get("_name_or_path") or None}
-        write_notes(out, info,
-            f"# flowfactory sd3 policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE being the "
-            f"base StableDiffusion3Pipeline (hub id or folder):\n\n```python\nimport torch\n"
-            f"from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline\n{load}\n"
-            f"image = pipe(prompt, negative_prompt={self.negative_prompt!r}, height={self.height}, "
-            f"width={self.width}, max_sequence_length={self.max_sequence_length}, "
-            f"guidance_scale={self.guidance_scale}).images[0]\n```\n")
+        self._save_with_notes(
+            directory, StableDiffusion3Pipeline, SD3Transformer2DModel, "sd3",
+            {"height": self.height, "width": self.width, "max_sequence_length": self.max_sequence_length,
+             "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt},
+            f"negative_prompt={self.negative_prompt!r}, height={self.height}, width={self.width}, "
+            f"max_sequence_length={self.max_sequence_length}, guidance_scale={self.guidance_scale}")
 
 
 def build_policy(options: SD3Options, ctx: BuildContext) -> SD3Policy:
