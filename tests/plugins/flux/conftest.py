@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from flowfactory.plugins import load
 from flowfactory.registry import BuildContext, ComponentSpec
@@ -38,22 +37,3 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-flux")
     build_tiny_pipeline(0).save_pretrained(path)
     return path
-
-
-@pytest.fixture
-def gens() -> Callable[..., list[torch.Generator]]:
-    """gens(n, offset=0): one seeded generator per sample."""
-    return lambda n, offset=0: [torch.Generator().manual_seed(offset + i) for i in range(n)]
-
-
-@pytest.fixture
-def perturb() -> Callable[..., None]:
-    """perturb(params, seed, scale=0.05): add seeded Gaussian noise in place (stands in for training)."""
-
-    def perturb_(params: list[torch.nn.Parameter], seed: int, scale: float = 0.05) -> None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in params:
-                p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
-
-    return perturb_

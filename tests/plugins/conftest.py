@@ -1,0 +1,27 @@
+"""Fixtures every plugin's tests share: per-sample generators and a stand-in for a training step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def gens() -> Callable[..., list[torch.Generator]]:
+    """gens(n, offset=0): one seeded generator per sample."""
+    return lambda n, offset=0: [torch.Generator().manual_seed(offset + i) for i in range(n)]
+
+
+@pytest.fixture
+def perturb() -> Callable[..., None]:
+    """perturb(params, seed, scale=0.05): add seeded Gaussian noise in place (stands in for training)."""
+
+    def perturb_(params: list[torch.nn.Parameter], seed: int, scale: float = 0.05) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in params:
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
+
+    return perturb_
