@@ -95,7 +95,7 @@ def test_flow_sde_log_probs_recompute_with_grad_across_the_boundary(make_policy,
     sampler = load(strict=True).registry.get("sampler", "flow-sde").create({"steps": 4}, BuildContext(seed=0))
     cond = policy.encode(PROMPTS)
     traj = sampler.rollout(policy, cond, policy.noise(gens(2)), gens(2, offset=10))
-    assert traj.latents is not None and traj.latents.shape == (2, 5, 16, 2, 2, 2)
+    assert traj.latents is not None and traj.latents.shape == (2, 5, 4, 3, 8, 8)
     steps = traj.stochastic_steps()
     assert set(policy.expert_index(traj.sigmas[steps]).tolist()) == {0, 1}, "both experts act at stochastic steps"
     for step in steps:

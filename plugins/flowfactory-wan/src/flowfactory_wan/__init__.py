@@ -44,12 +44,12 @@ class WanOptions(DiffusersPolicyOptions):
                           "the transformer(s).")
     height: int | None = Field(
         None, ge=1, description="Video height in pixels (multiple of the VAE's spatial factor x patch size, 16 for "
-                                "Wan 2.1). null: 480, or 16 for the tiny preset.")
+                                "Wan 2.1, 4 for the tiny preset). null: 480, or 16 for the tiny preset.")
     width: int | None = Field(
         None, ge=1, description="Video width in pixels (same multiple as height). null: 832, or 16 for the tiny preset.")
     num_frames: int | None = Field(
         None, ge=1, description="Frames per video; num_frames - 1 must be a multiple of the VAE's temporal factor "
-                                "(4). null: 81 as WanPipeline, or 5 for the tiny preset.")
+                                "(4 for Wan, 2 for the tiny preset). null: 81 as WanPipeline, or 5 for the tiny preset.")
     max_sequence_length: int | None = Field(
         None, ge=1, le=512, description="UMT5 tokens the prompt is padded/truncated to. null: 512 as WanPipeline, "
                                         "or 16 for the tiny preset.")
