@@ -1,6 +1,7 @@
 """A policy's ODE rollout + decode against its stock diffusers pipeline's __call__, in the same process.
 
-Policies: flux (FluxPipeline) and sd3 (StableDiffusion3Pipeline), `--policy NAME`.
+Policies (`--policy NAME`): flux (FluxPipeline), sd3 (StableDiffusion3Pipeline), qwen-image
+(QwenImagePipeline, true CFG) and wan (WanPipeline, videos: the image difference is over every frame).
 
 Both sides start from the same prompts and packed latents, use the same weights (the tiny preset's seed,
 built once for the policy and once, independently, for a stock pipeline; or the same `--model` folder),
@@ -10,6 +11,7 @@ sides after one warm-up each, so drift in machine load hits both.
     python benchmarks/rollout.py                          # tiny preset, 10 steps, batch 16, 5 repeats
     python benchmarks/rollout.py --steps 4 --batch 4 --repeats 3
     python benchmarks/rollout.py --model /path/to/FluxPipeline-folder --height 512 --width 512
+    python benchmarks/rollout.py --policy wan --batch 8     # tiny Wan, 5 frames of 16x16
 
 Prints the median seconds of each side, the ratio ours / pipeline (target <= 1.0), the largest absolute
 difference between the two sides' images, and the time of one velocity call at the batch size.
@@ -18,32 +20,63 @@ difference between the two sides' images, and the time of one velocity call at t
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from flowfactory.plugins import load
+from flowfactory.policies import quiet_transformers
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import ODESampler
+
+with quiet_transformers():  # no torchvision warnings for image processors these pipelines never use
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline
 
 PROMPTS = ["a red square", "a blue circle", "a green car", "a yellow star"]
 
 
-def _tiny(policy: str, seed: int):
-    if policy == "flux":
-        from flowfactory_flux.tiny import build_tiny_pipeline
-    else:
-        from flowfactory_sd3.tiny import build_tiny_pipeline
-    return build_tiny_pipeline(seed)
+def _cfg_negative(pol: Any) -> str | None:
+    """The policy's negative prompt when it runs CFG, else None (so the pipeline runs one pass too)."""
+    return pol.negative_prompt if pol.do_cfg else None
 
 
-# policy name -> (stock pipeline class, extra __call__ arguments taken from the policy)
-PIPELINES = {
-    "flux": (FluxPipeline, lambda pol: {"guidance_scale": pol.guidance_scale}),
-    "sd3": (StableDiffusion3Pipeline,
-            lambda pol: {"guidance_scale": pol.guidance_scale, "negative_prompt": pol.negative_prompt or None}),
+@dataclass(frozen=True)
+class Stock:
+    """How to run a policy's stock pipeline on the policy's settings."""
+
+    pipeline: type
+    tiny_module: str  # the plugin module with build_tiny_pipeline(seed)
+    call: Callable[[Any], dict[str, Any]]  # extra __call__ arguments taken from the policy
+    output: str = "images"  # the pipeline output's field: images [B, C, H, W] or frames [B, T, C, H, W]
+    prepare: Callable[[Any, Any], None] = lambda pipe, pol: None  # adjust the loaded pipeline to the policy
+
+
+def _qwen_prefix(pipe: Any, pol: Any) -> None:
+    # the prompt-template prefix length the policy counted from its tokenizer (the pipeline hard-codes 34)
+    pipe.prompt_template_encode_start_idx = pol.pipe.prompt_template_encode_start_idx
+
+
+def _wan_call(pol: Any) -> dict[str, Any]:
+    extra = {"guidance_scale": pol.guidance_scale, "negative_prompt": _cfg_negative(pol),
+             "num_frames": pol.num_frames}
+    if pol.transformer_2 is not None:
+        extra["guidance_scale_2"] = pol.guidance_scale_2
+    return extra
+
+
+PIPELINES: dict[str, Stock] = {
+    "flux": Stock(FluxPipeline, "flowfactory_flux.tiny", lambda pol: {"guidance_scale": pol.guidance_scale}),
+    "sd3": Stock(StableDiffusion3Pipeline, "flowfactory_sd3.tiny",
+                 lambda pol: {"guidance_scale": pol.guidance_scale, "negative_prompt": _cfg_negative(pol)}),
+    "qwen-image": Stock(QwenImagePipeline, "flowfactory_qwen_image.tiny",
+                        lambda pol: {"true_cfg_scale": pol.true_cfg_scale, "negative_prompt": _cfg_negative(pol)},
+                        prepare=_qwen_prefix),
+    "wan": Stock(WanPipeline, "flowfactory_wan.tiny", _wan_call, output="frames"),
 }
 
 
@@ -54,7 +87,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="images per rollout")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (after one warm-up)")
     p.add_argument("--seed", type=int, default=0, help="tiny preset seed, and noise seeds")
-    p.add_argument("--model", default=None, help="a FluxPipeline folder or hub id instead of the tiny preset")
+    p.add_argument("--model", default=None, help="a pipeline folder or hub id instead of the tiny preset")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the policy's)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the policy's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -84,21 +117,24 @@ def main() -> None:
     if args.width:
         options["width"] = args.width
     spec = load(strict=True).registry.get("policy", args.policy)
-    pipeline_class, extra = PIPELINES[args.policy]
+    stock = PIPELINES[args.policy]
     policy = spec.create(options, BuildContext(seed=args.seed, device=device))
 
     # the stock pipeline in the policy's dtypes (a full finetune keeps its transformer in float32)
     dtypes = {"transformer": policy.compute_dtype, "default": getattr(torch, args.dtype)}
+    if args.policy == "wan":
+        dtypes["transformer_2"] = policy.compute_dtype
     if args.model:
-        pipe = pipeline_class.from_pretrained(args.model, dtype=dtypes)
+        pipe = stock.pipeline.from_pretrained(args.model, dtype=dtypes)
     else:
-        pipe = _tiny(args.policy, args.seed)
+        pipe = importlib.import_module(stock.tiny_module).build_tiny_pipeline(args.seed)
         for name, part in pipe.components.items():
             want = dtypes.get(name, dtypes["default"])
             if isinstance(part, torch.nn.Module) and part.dtype != want:
                 torch.nn.Module.to(part, want)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    stock.prepare(pipe, policy)
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     gens = [torch.Generator().manual_seed(args.seed * 100_000 + i) for i in range(args.batch)]
@@ -111,9 +147,10 @@ def main() -> None:
         return policy.decode(traj.final)
 
     def theirs() -> torch.Tensor:
-        return pipe(prompts, height=policy.height, width=policy.width, num_inference_steps=args.steps,
-                    max_sequence_length=policy.max_sequence_length, latents=z.clone(), output_type="pt",
-                    **extra(policy)).images
+        out = pipe(prompts, height=policy.height, width=policy.width, num_inference_steps=args.steps,
+                   max_sequence_length=policy.max_sequence_length, latents=z.clone(), output_type="pt",
+                   **stock.call(policy))
+        return getattr(out, stock.output)
 
     times: dict[str, list[float]] = {"ours": [], "pipeline": []}
     images: dict[str, torch.Tensor] = {}
@@ -149,7 +186,7 @@ def main() -> None:
           f"{f'LoRA rank {args.lora}' if args.lora else 'full finetune'}")
     print(f"ours     (encode + ODESampler rollout + decode): median {ours_s:.3f} s  "
           f"[{', '.join(f'{t:.3f}' for t in times['ours'])}]")
-    print(f"pipeline ({pipeline_class.__name__}.__call__, output_type=pt): median {pipe_s:.3f} s  "
+    print(f"pipeline ({stock.pipeline.__name__}.__call__, output_type=pt): median {pipe_s:.3f} s  "
           f"[{', '.join(f'{t:.3f}' for t in times['pipeline'])}]")
     print(f"ratio ours / pipeline: {ours_s / pipe_s:.3f}  (target <= 1.0)")
     print(f"max abs image difference: {diff:.2e}")

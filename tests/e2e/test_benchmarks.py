@@ -1,0 +1,36 @@
+"""The benchmark scripts keep running: benchmarks/rollout.py for every policy, at the smallest size.
+
+Timings are not asserted (noisy machines); what is asserted is what the script reports besides them: our
+rollout's images equal the stock pipeline's, and the report names the pipeline it measured against.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("policy, pipeline", [
+    ("flux", "FluxPipeline"),
+    ("sd3", "StableDiffusion3Pipeline"),
+    ("qwen-image", "QwenImagePipeline"),
+    ("wan", "WanPipeline"),
+])
+def test_rollout_benchmark_runs_and_matches_the_stock_pipeline(policy: str, pipeline: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "rollout.py"), "--policy", policy, "--steps", "2", "--batch", "2",
+         "--repeats", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"pipeline ({pipeline}.__call__" in out
+    assert re.search(r"ratio ours / pipeline: \d+\.\d{3}", out)
+    diff = re.search(r"max abs image difference: (\S+)", out)
+    assert diff is not None and float(diff.group(1)) < 1e-4, out
+    assert "torchvision" not in result.stderr  # the pipelines' import warnings stay quiet
