@@ -12,7 +12,7 @@ import copy
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -41,18 +41,66 @@ class DiffusersPolicyBase:
     """The model-independent half of a diffusers policy: training setup, reference view, parameters, saving.
 
     Subclasses set `name` (the registered policy name, used in errors) and `lora_target_hint` (the module
-    names to suggest when a LoRA target matches nothing), then call `_setup_training` from `__init__`.
-    `module` is the trainable transformer and may be replaced by the training loop with its Accelerate
-    wrapper; `transformer` stays the raw diffusers model (config, adapters, saving).
+    names to suggest when a LoRA target matches nothing); their `__init__` calls `_attach` (pipeline, size,
+    device, private scheduler), checks sizes with `_check_multiple`, then calls `_setup_training`. Their
+    `sigmas` compute the model's own schedule through `_cached_sigmas`. `module` is the trainable
+    transformer and may be replaced by the training loop with its Accelerate wrapper; `transformer` stays the
+    raw diffusers model (config, adapters, saving).
     """
 
     name: ClassVar[str] = "diffusers"
     lora_target_hint: ClassVar[str] = ""
 
+    pipe: Any
+    vae: nn.Module
+    device: torch.device
+    height: int
+    width: int
+    max_sequence_length: int
+    compute_dtype: torch.dtype
     transformer: nn.Module
     lora: LoraSettings | None
     module: Any
     fsdp_block_classes: tuple[type, ...]
+
+    def _attach(self, pipe: Any, *, height: int, width: int, max_sequence_length: int,
+                device: torch.device | str | None, scheduler: Any = None) -> None:
+        """What every policy keeps of its pipeline: the pipeline and its VAE, the sample size, the device (CPU
+        when None), the transformer's dtype as the compute dtype, and a private scheduler (`scheduler`, else a
+        copy of the pipeline's: `set_timesteps` mutates it) with an empty sigma cache."""
+        self.pipe = pipe
+        self.vae = pipe.vae
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.height, self.width = height, width
+        self.max_sequence_length = max_sequence_length
+        self.compute_dtype = pipe.transformer.dtype  # the base weights'; LoRA parameters are float32
+        self._scheduler = scheduler if scheduler is not None else type(pipe.scheduler).from_config(
+            pipe.scheduler.config)
+        self._sigmas: dict[int, torch.Tensor] = {}
+
+    def _check_multiple(self, factor: int, why: str) -> None:
+        """Raise the options error naming height/width and the nearest valid sizes unless both are multiples of
+        `factor`; `why` says where the factor comes from."""
+        if self.height % factor or self.width % factor:
+            raise FlowFactoryError(
+                f"{self.name} policy options height={self.height}, width={self.width}: both must be multiples of "
+                f"{factor} ({why}); try height: {max(factor, self.height // factor * factor)}, "
+                f"width: {max(factor, self.width // factor * factor)}")
+
+    def _cached_sigmas(self, steps: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`compute()`'s schedule for `steps`, computed once per step count, as float32 on the CPU (a copy)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if steps not in self._sigmas:
+            self._sigmas[steps] = compute().detach().to(torch.float32).cpu()
+        return self._sigmas[steps].clone()
+
+    def to(self, device: torch.device | str) -> Any:
+        """Move every part (and the reference copy) to `device`."""
+        self.device = torch.device(device)
+        self.pipe.to(self.device)
+        self._move_reference(self.device)
+        return self
 
     def _setup_training(self, transformer: nn.Module, frozen: Sequence[nn.Module], *, lora: LoraSettings | None,
                         seed: int, gradient_checkpointing: bool) -> None:

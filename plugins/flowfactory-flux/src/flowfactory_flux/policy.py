@@ -14,7 +14,6 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from flowfactory.errors import FlowFactoryError
 from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import randn_per_sample
@@ -52,41 +51,26 @@ class FluxPolicy(DiffusersPolicyBase):
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.height, self.width = height, width
-        self.max_sequence_length = max_sequence_length
+        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device)
+        self._ids: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.guidance_scale = guidance_scale
-        self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
+        self.guidance_embeds = bool(pipe.transformer.config.guidance_embeds)
         self.vae_scale_factor: int = pipe.vae_scale_factor
-        factor = 2 * self.vae_scale_factor
-        if height % factor or width % factor:
-            raise FlowFactoryError(
-                f"flux policy options height={height}, width={width}: both must be multiples of {factor} "
-                f"(2 x the VAE scale factor {self.vae_scale_factor}, for the 2x2 latent packing); "
-                f"try height: {max(factor, height // factor * factor)}, width: {max(factor, width // factor * factor)}")
-        channels = self.transformer.config.in_channels // 4
+        self._check_multiple(2 * self.vae_scale_factor,
+                             f"2 x the VAE scale factor {self.vae_scale_factor}, for the 2x2 latent packing")
+        channels = pipe.transformer.config.in_channels // 4
         self._unpacked_shape = (channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         c, h, w = self._unpacked_shape
         self.latent_shape: tuple[int, ...] = ((h // 2) * (w // 2), c * 4)
-        self.compute_dtype: torch.dtype = self.transformer.dtype  # base weights; LoRA params are kept in float32
-        self._setup_training(self.transformer, (pipe.text_encoder, pipe.text_encoder_2, self.vae), lora=lora,
+        self._setup_training(pipe.transformer, (pipe.text_encoder, pipe.text_encoder_2, self.vae), lora=lora,
                              seed=seed, gradient_checkpointing=gradient_checkpointing)
-
-        self._scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # private: set_timesteps mutates
-        self._sigmas: dict[int, torch.Tensor] = {}
-        self._ids: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.to(self.device)
 
     # -- setup -----------------------------------------------------------------------------------------------
 
     def to(self, device: torch.device | str) -> FluxPolicy:
-        """Move every part (and the reference copy) to `device`."""
-        self.device = torch.device(device)
-        self.pipe.to(self.device)
-        self._move_reference(self.device)
+        """Move every part (and the reference copy) to `device`; position ids are rebuilt there."""
+        super().to(device)
         self._ids.clear()
         return self
 
@@ -107,9 +91,7 @@ class FluxPolicy(DiffusersPolicyBase):
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """FluxPipeline's schedule: linspace(1, 1/steps) shifted by mu(image tokens), then 0; float32 CPU."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if steps not in self._sigmas:
+        def compute() -> torch.Tensor:
             sched = self._scheduler
             base = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
             mu = calculate_shift(
@@ -117,8 +99,9 @@ class FluxPolicy(DiffusersPolicyBase):
                 sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
                 sched.config.get("max_shift", 1.15))
             retrieve_timesteps(sched, steps, "cpu", sigmas=base, mu=mu)
-            self._sigmas[steps] = sched.sigmas.detach().to(torch.float32).cpu()
-        return self._sigmas[steps].clone()
+            return sched.sigmas
+
+        return self._cached_sigmas(steps, compute)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Transformer velocity (noise - data) for packed latents x at noise level sigma, in x's dtype."""

@@ -15,7 +15,6 @@ import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-from flowfactory.errors import FlowFactoryError
 from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import randn_per_sample
@@ -58,31 +57,19 @@ class QwenImagePolicy(DiffusersPolicyBase):
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
-        self.pipe = pipe
-        self.vae = pipe.vae
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.height, self.width = height, width
-        self.max_sequence_length = max_sequence_length
+        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device)
         self.true_cfg_scale = true_cfg_scale
         self.negative_prompt = negative_prompt
         self.vae_scale_factor: int = pipe.vae_scale_factor
-        factor = 2 * self.vae_scale_factor
-        if height % factor or width % factor:
-            raise FlowFactoryError(
-                f"qwen-image policy options height={height}, width={width}: both must be multiples of {factor} "
-                f"(patch size 2 x the VAE scale factor {self.vae_scale_factor}); "
-                f"try height: {max(factor, height // factor * factor)}, width: {max(factor, width // factor * factor)}")
+        self._check_multiple(2 * self.vae_scale_factor, f"patch size 2 x the VAE scale factor {self.vae_scale_factor}")
         # the pipeline's hard-coded 34 assumes Qwen's tokenizer; count the prefix with the one loaded
         pipe.prompt_template_encode_start_idx = template_prefix_tokens(pipe)
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         self.latent_hw: tuple[int, int] = (h, w)
         self.latent_channels: int = pipe.vae.config.z_dim
         self.latent_shape: tuple[int, ...] = ((h // 2) * (w // 2), self.latent_channels * 4)
-        self.compute_dtype: torch.dtype = pipe.transformer.dtype  # base weights; LoRA params are kept in float32
         self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
                              gradient_checkpointing=gradient_checkpointing)
-        self._scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # private: set_timesteps mutates
-        self._sigmas: dict[int, torch.Tensor] = {}
         self.to(self.device)
 
     def _dead_modules(self, transformer: torch.nn.Module) -> list[str]:
@@ -97,13 +84,6 @@ class QwenImagePolicy(DiffusersPolicyBase):
     def do_cfg(self) -> bool:
         """True when true_cfg_scale > 1: velocity mixes a conditional and an unconditional pass."""
         return self.true_cfg_scale > 1.0
-
-    def to(self, device: torch.device | str) -> QwenImagePolicy:
-        """Move every part (and the reference copy) to `device`."""
-        self.device = torch.device(device)
-        self.pipe.to(self.device)
-        self._move_reference(self.device)
-        return self
 
     # -- Policy protocol -------------------------------------------------------------------------------------
 
@@ -142,19 +122,18 @@ class QwenImagePolicy(DiffusersPolicyBase):
         """The pipeline's schedule: linspace(1, 1/steps) through the scheduler with mu from the image token
         count (dynamic shift), then 0; float32 CPU. One step is [1, 0]: the scheduler's stretch to
         shift_terminal divides by zero there (the pipeline itself gives NaN)."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if steps == 1:
-            return torch.tensor([1.0, 0.0])
-        if steps not in self._sigmas:
+        def compute() -> torch.Tensor:
+            if steps == 1:
+                return torch.tensor([1.0, 0.0])
             sched = self._scheduler
             mu = calculate_shift(
                 self.latent_shape[0], sched.config.get("base_image_seq_len", 256),
                 sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
                 sched.config.get("max_shift", 1.15))
             retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-            self._sigmas[steps] = sched.sigmas.detach().to(torch.float32).cpu()
-        return self._sigmas[steps].clone()
+            return sched.sigmas
+
+        return self._cached_sigmas(steps, compute)
 
     def _transformer(self, hidden: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:

@@ -48,21 +48,13 @@ class SD3Policy(DiffusersPolicyBase):
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
-        self.pipe = pipe
-        self.vae = pipe.vae
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.height, self.width = height, width
-        self.max_sequence_length = max_sequence_length
+        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device)
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
         config = pipe.transformer.config
         self.vae_scale_factor: int = pipe.vae_scale_factor
         factor = config.patch_size * self.vae_scale_factor
-        if height % factor or width % factor:
-            raise FlowFactoryError(
-                f"sd3 policy options height={height}, width={width}: both must be multiples of {factor} "
-                f"(patch size {config.patch_size} x the VAE scale factor {self.vae_scale_factor}); "
-                f"try height: {max(factor, height // factor * factor)}, width: {max(factor, width // factor * factor)}")
+        self._check_multiple(factor, f"patch size {config.patch_size} x the VAE scale factor {self.vae_scale_factor}")
         largest = config.pos_embed_max_size * factor
         if max(height, width) > largest:
             raise FlowFactoryError(
@@ -70,13 +62,10 @@ class SD3Policy(DiffusersPolicyBase):
                 f"(pos_embed_max_size {config.pos_embed_max_size}) covers at most {largest} pixels a side")
         self.latent_shape: tuple[int, ...] = (
             config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        self.compute_dtype: torch.dtype = pipe.transformer.dtype  # base weights; LoRA params are kept in float32
         self._setup_training(
             pipe.transformer, [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, self.vae)
                                if m is not None],
             lora=lora, seed=seed, gradient_checkpointing=gradient_checkpointing)
-        self._scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # private: set_timesteps mutates
-        self._sigmas: dict[int, torch.Tensor] = {}
         self.to(self.device)
 
     def _dead_modules(self, transformer: torch.nn.Module) -> list[str]:
@@ -91,13 +80,6 @@ class SD3Policy(DiffusersPolicyBase):
     def do_cfg(self) -> bool:
         """True when guidance_scale > 1: velocity mixes a conditional and an unconditional pass."""
         return self.guidance_scale > 1.0
-
-    def to(self, device: torch.device | str) -> SD3Policy:
-        """Move every part (and the reference copy) to `device`."""
-        self.device = torch.device(device)
-        self.pipe.to(self.device)
-        self._move_reference(self.device)
-        return self
 
     # -- Policy protocol -------------------------------------------------------------------------------------
 
@@ -122,9 +104,7 @@ class SD3Policy(DiffusersPolicyBase):
     def sigmas(self, steps: int) -> torch.Tensor:
         """The scheduler's own schedule (`set_timesteps`: static shift, 3.0 for SD3.5; dynamic if configured),
         then 0; float32 CPU."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if steps not in self._sigmas:
+        def compute() -> torch.Tensor:
             sched = self._scheduler
             kwargs = {}
             if sched.config.get("use_dynamic_shifting", False):
@@ -135,8 +115,9 @@ class SD3Policy(DiffusersPolicyBase):
                     sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
                     sched.config.get("max_shift", 1.16))
             retrieve_timesteps(sched, steps, "cpu", **kwargs)
-            self._sigmas[steps] = sched.sigmas.detach().to(torch.float32).cpu()
-        return self._sigmas[steps].clone()
+            return sched.sigmas
+
+        return self._cached_sigmas(steps, compute)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Transformer velocity (noise - data) at noise level sigma, CFG-mixed when guidance_scale > 1."""

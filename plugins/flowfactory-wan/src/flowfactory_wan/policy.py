@@ -84,35 +84,31 @@ class WanPolicy(DiffusersPolicyBase):
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
-        self.pipe = pipe
-        self.vae = pipe.vae
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
         if pipe.transformer is None:
             raise FlowFactoryError("wan policy: the pipeline has no `transformer`; Wan 2.2 single-stage variants "
                                    "without the high-noise expert are not supported")
         if getattr(pipe.config, "expand_timesteps", False):
             raise FlowFactoryError("wan policy: expand_timesteps pipelines (Wan 2.2 TI2V-5B) are not supported")
-        self.height, self.width, self.num_frames = height, width, num_frames
-        self.max_sequence_length = max_sequence_length
+        scheduler_config = dict(pipe.scheduler.config)
+        if shift is not None:
+            key = "flow_shift" if "flow_shift" in scheduler_config else "shift"
+            scheduler_config[key] = shift
+        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
+                     scheduler=type(pipe.scheduler).from_config(scheduler_config))
+        self.num_frames = num_frames
         self.guidance_scale = guidance_scale
         self.guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         self.negative_prompt = negative_prompt
         config = pipe.transformer.config
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
-        _, ph, pw = config.patch_size
-        if height % (spatial * ph) or width % (spatial * pw):
-            f = spatial * ph
-            raise FlowFactoryError(
-                f"wan policy options height={height}, width={width}: both must be multiples of {f} (the VAE's "
-                f"spatial factor {spatial} x patch size {ph}); try height: {max(f, height // f * f)}, "
-                f"width: {max(f, width // f * f)}")
+        patch = max(config.patch_size[1:])  # (1, 2, 2) in every Wan release
+        self._check_multiple(spatial * patch, f"the VAE's spatial factor {spatial} x patch size {patch}")
         if (num_frames - 1) % temporal:
             raise FlowFactoryError(
                 f"wan policy option num_frames={num_frames}: num_frames - 1 must be a multiple of the VAE's temporal "
                 f"factor {temporal}; try num_frames: {(num_frames - 1) // temporal * temporal + 1}")
         self.latent_shape: tuple[int, ...] = (
             config.in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
-        self.compute_dtype: torch.dtype = pipe.transformer.dtype  # base weights; LoRA params are float32
         self.transformer_2: nn.Module | None = getattr(pipe, "transformer_2", None)
         ratio = boundary_ratio if boundary_ratio is not None else pipe.config.get("boundary_ratio")
         if self.transformer_2 is None and boundary_ratio is not None:
@@ -122,13 +118,7 @@ class WanPolicy(DiffusersPolicyBase):
             raise FlowFactoryError("wan policy: the pipeline has transformer_2 but no boundary_ratio; set the "
                                    "`boundary_ratio` option (0.875 for Wan 2.2 A14B T2V)")
         self.boundary_ratio: float | None = ratio if self.transformer_2 is not None else None
-        scheduler_config = dict(pipe.scheduler.config)
-        if shift is not None:
-            key = "flow_shift" if "flow_shift" in scheduler_config else "shift"
-            scheduler_config[key] = shift
-        self._scheduler = type(pipe.scheduler).from_config(scheduler_config)  # private: set_timesteps mutates
         self._num_train_timesteps = int(self._scheduler.config.num_train_timesteps)
-        self._sigmas: dict[int, torch.Tensor] = {}
 
         self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
                              gradient_checkpointing=gradient_checkpointing)
@@ -153,13 +143,6 @@ class WanPolicy(DiffusersPolicyBase):
     def do_cfg(self) -> bool:
         """True when guidance_scale > 1 (as WanPipeline): velocity mixes a conditional and an unconditional pass."""
         return self.guidance_scale > 1.0
-
-    def to(self, device: torch.device | str) -> WanPolicy:
-        """Move every part (and the reference copy) to `device`."""
-        self.device = torch.device(device)
-        self.pipe.to(self.device)
-        self._move_reference(self.device)
-        return self
 
     def expert_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """[B] long: 0 where the first (high-noise) expert acts at `sigma`, 1 where the second does."""
@@ -215,17 +198,16 @@ class WanPolicy(DiffusersPolicyBase):
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The scheduler's own schedule (`set_timesteps` with its flow shift), ending at 0; float32 CPU."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if steps not in self._sigmas:
+        def compute() -> torch.Tensor:
             self._scheduler.set_timesteps(steps, device="cpu")
-            s = torch.as_tensor(self._scheduler.sigmas).detach().to(torch.float32).cpu()
+            s = torch.as_tensor(self._scheduler.sigmas)
             if s.shape != (steps + 1,) or float(s[-1]) != 0.0:
                 raise FlowFactoryError(
                     f"wan policy: the scheduler {type(self._scheduler).__name__} gives sigmas of shape "
                     f"{tuple(s.shape)} ending at {float(s[-1])}; a flow scheduler ending at sigma 0 is needed")
-            self._sigmas[steps] = s
-        return self._sigmas[steps].clone()
+            return s
+
+        return self._cached_sigmas(steps, compute)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Velocity (noise - data) of the expert acting at sigma, CFG-mixed with that expert's guidance scale."""
