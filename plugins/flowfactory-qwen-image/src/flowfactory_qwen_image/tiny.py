@@ -21,7 +21,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from flowfactory.testing.tokenizers import qwen2_tokenizer
 
-# Qwen/Qwen-Image's scheduler configuration: exponential dynamic shift (mu from the image token count).
+# Qwen/Qwen-Image's scheduler configuration: exponential dynamic shift (mu from the image token count). The hub
+# file cannot be read offline; these values agree with two independent public reimplementations of that scheduler.
 QWEN_IMAGE_SCHEDULER_CONFIG: dict[str, object] = dict(
     base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192, max_shift=0.9,
     num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, stochastic_sampling=False,
