@@ -52,7 +52,7 @@ def test_nft_resume_equals_uninterrupted(toy_registry, toy_config, tmp_path):
     train(path, tmp_path / "split", ["train.epochs=6"])
     state, _ = ckpt.load(ckpt.latest(tmp_path / "split" / "checkpoints"))
     algo = state["algorithm"]
-    assert algo["steps"] == 12 and algo["draws"] == 24 and algo["pending"] and algo["ema"] is not None
+    assert algo["steps"] == 12 and algo["ema"] is not None
     summary = train(path, tmp_path / "split", resume=True)
     assert summary.resumed_from == 6
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")

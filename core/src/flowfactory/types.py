@@ -192,12 +192,35 @@ class LossOutput:
 
 @dataclass
 class TrainBatch:
-    """A micro-batch handed to a policy optimizer."""
+    """A micro-batch handed to a policy optimizer.
+
+    `sample_keys` name each row for randomness; the loop gives (epoch, inner epoch, global sample index). An
+    algorithm that draws per-sample randomness (training times, forward-process noise) seeds each row from its
+    key (`row_keys`), so the draws depend neither on how rows fall into micro-batches nor on the process count.
+    """
 
     trajectory: Trajectory
     cond: Conditioning
     advantages: torch.Tensor  # [B] float32
     fresh: bool  # True while the policy still equals the one that sampled (first update of the epoch)
+    sample_keys: tuple[tuple[int, ...], ...] | None = None
+
+    def row_keys(self) -> list[tuple[int, ...]]:
+        """One integer key per row: `sample_keys`, or (row index,) for a batch built without them."""
+        n = len(self.advantages)
+        if self.sample_keys is None:
+            return [(i,) for i in range(n)]
+        if len(self.sample_keys) != n:
+            raise ValueError(f"TrainBatch: {len(self.sample_keys)} sample_keys for {n} rows")
+        return [tuple(int(v) for v in key) for key in self.sample_keys]
+
+    def select(self, rows: slice | torch.Tensor | list[int], fresh: bool | None = None) -> TrainBatch:
+        """The batch restricted to `rows` (trajectory, conditioning, advantages and keys alike)."""
+        index = range(len(self.advantages))[rows] if isinstance(rows, slice) else [int(i) for i in rows]
+        keys = self.row_keys()
+        return TrainBatch(trajectory=self.trajectory.select(rows), cond=select_rows(self.cond, rows),
+                          advantages=self.advantages[rows], fresh=self.fresh if fresh is None else fresh,
+                          sample_keys=None if self.sample_keys is None else tuple(keys[i] for i in index))
 
 
 @runtime_checkable
@@ -206,7 +229,8 @@ class PolicyOptimizer(Protocol):
 
     Optional methods, called by the loop when an algorithm defines them (see `OptimizerHooks`):
     `check_sampler(sampler) -> str | None`, `sampling(policy)` (context the epoch's rollouts run in),
-    `on_rollout(policy)`, `on_step(policy)`, `state_dict()` / `load_state_dict(state)` (checkpointed).
+    `on_rollout(policy)`, `on_step(policy)`, `on_epoch_end(policy)`, `state_dict()` / `load_state_dict(state)`
+    (checkpointed).
     """
 
     requirements: Requirements
@@ -225,9 +249,10 @@ class OptimizerHooks:
 
     The loop calls them in this order each epoch: `sampling(policy)` wraps the rollout (e.g. DiffusionNFT
     samples with an EMA "old" policy swapped in), `on_rollout(policy)` runs once the rollouts exist and
-    before any update, `on_step(policy)` after every optimizer step (e.g. to update an EMA). Whatever
-    `state_dict()` returns is saved in checkpoints and given back to `load_state_dict` on `--resume`, so
-    a resumed run equals an uninterrupted one.
+    before any update, `on_step(policy)` after every optimizer step (e.g. to update an EMA), and
+    `on_epoch_end(policy)` after the epoch's last step, before its checkpoint (e.g. a per-epoch EMA update).
+    Whatever `state_dict()` returns is saved in checkpoints and given back to `load_state_dict` on `--resume`,
+    so a resumed run equals an uninterrupted one.
     """
 
     def check_sampler(self, sampler: Sampler) -> str | None:
@@ -243,6 +268,9 @@ class OptimizerHooks:
         return None
 
     def on_step(self, policy: Policy) -> None:
+        return None
+
+    def on_epoch_end(self, policy: Policy) -> None:
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -37,7 +37,8 @@ def batch(registry, policy) -> TrainBatch:
     with torch.no_grad():
         traj = sampler.rollout(policy, cond, policy.noise(make_generators(range(N))), make_generators(range(N)),
                                keep="final", deterministic=True)
-    return TrainBatch(trajectory=traj, cond=cond, advantages=torch.tensor([1.5, -0.5, 7.0, -2.0]), fresh=True)
+    return TrainBatch(trajectory=traj, cond=cond, advantages=torch.tensor([1.5, -0.5, 7.0, -2.0]), fresh=True,
+                      sample_keys=tuple((1, 0, i) for i in range(N)))
 
 
 def make(policy, **options) -> AWM:
@@ -47,11 +48,12 @@ def make(policy, **options) -> AWM:
 
 
 def unit(times: list[float], seed: int = 11) -> AWMUnit:
-    return AWMUnit(index=0, times=torch.tensor(times), noise_seed=seed)
+    return AWMUnit(index=0, times=torch.tensor(times), noise_seeds=tuple(seed + i for i in range(len(times))))
 
 
 def eps_for(u: AWMUnit, x0: torch.Tensor) -> torch.Tensor:
-    return torch.randn(x0.shape, generator=torch.Generator().manual_seed(u.noise_seed))
+    """Row i from its own seed."""
+    return torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s)) for s in u.noise_seeds])
 
 
 def fm_error(policy, batch: TrainBatch, u: AWMUnit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,6 +219,8 @@ def test_ema_linear_decay_per_epoch(policy):
     assert all(torch.equal(s, p) for s, p in zip(opt.ema.shadow, start))  # not yet: once per epoch
     with opt.sampling(policy):
         pass
+    assert all(torch.equal(s, p) for s, p in zip(opt.ema.shadow, start))  # sampling does not move it
+    opt.on_epoch_end(policy)
     d = min(0.3, 0.001 * 3)
     for s, s0, p in zip(opt.ema.shadow, start, params):
         assert torch.allclose(s, d * s0 + (1 - d) * p.detach(), atol=1e-7)
@@ -240,21 +244,31 @@ def test_time_samplers():
     assert 1 <= idx[0] < 3 <= idx[1] < 6 <= idx[2] < 9  # linspace(1, 9, 4) strata, never index 0
 
 
-def test_times_and_noise_are_deterministic_from_the_counter(policy, batch):
+def test_times_and_noise_are_drawn_from_the_rows_keys(policy, batch):
     before = torch.get_rng_state()
     a = make(policy, time_type="uniform", num_times=3)
     first = a.units(batch)
-    second = a.units(batch)
-    assert a.draws == 2 and torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
-    assert not torch.equal(first[0].times, second[0].times)
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
     b = make(policy, time_type="uniform", num_times=3)
-    b.load_state_dict({**a.state_dict(), "draws": 1})
-    again = b.units(batch)
-    assert all(torch.equal(x.times, y.times) and x.noise_seed == y.noise_seed for x, y in zip(second, again))
+    again = b.units(batch)  # another instance, same keys: the same draws (no hidden counter)
+    assert all(torch.equal(x.times, y.times) and x.noise_seeds == y.noise_seeds for x, y in zip(first, again))
     with torch.no_grad():
-        la = a.loss(policy, None, batch, second[1]).loss
+        la = a.loss(policy, None, batch, first[1]).loss
         lb = b.loss(policy, None, batch, again[1]).loss
     assert torch.equal(la, lb)
+    # uniform times and all noise are per rollout: rows 1..3 alone draw what they draw in the whole batch
+    part = batch.select(slice(1, N))
+    for whole, alone in zip(first, a.units(part)):
+        assert torch.equal(alone.times, whole.times[1:]) and alone.noise_seeds == whole.noise_seeds[1:]
+    with torch.no_grad():
+        torch.testing.assert_close(a.loss(policy, None, part, a.units(part)[1]).loss, la[1:], atol=1e-6, rtol=0)
+    # the next epoch's keys draw anew
+    later = batch.select(slice(None))
+    later.sample_keys = tuple((2, 0, i) for i in range(N))
+    assert not torch.equal(a.units(later)[0].times, first[0].times)
+    # discrete times are shared by the micro-batch, drawn from its first row's key
+    d = make(policy, num_times=2).units(batch)
+    assert all(bool((u.times == u.times[0]).all()) for u in d)
 
 
 def test_state_dict_round_trip(policy, batch):
@@ -265,13 +279,13 @@ def test_state_dict_round_trip(policy, batch):
         perturb(params)
         a.on_step(policy)
     state = a.state_dict()
-    assert (state["draws"], state["steps"], state["ema_steps"]) == (2, 2, 2)
+    assert (state["steps"], state["ema_steps"]) == (2, 2)
     late = AWM(AWMOptions(ema_kl_beta=1.0, ema_update="step"), seed=3)
     late.load_state_dict(state)  # before setup (the loop calls setup first; this order must work too)
     late.setup(policy, None)
     for other in (late, make(policy, ema_kl_beta=1.0, ema_update="step")):
         if other is not late:
             other.load_state_dict(state)
-        assert other.state_dict()["draws"] == 2 and other.steps == 2
+        assert other.state_dict()["ema_steps"] == 2 and other.steps == 2
         assert all(torch.equal(x, y) for x, y in zip(other.ema.shadow, a.ema.shadow))
         assert torch.equal(other.units(batch)[0].times, a.units(batch)[0].times)

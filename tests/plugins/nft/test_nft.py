@@ -116,28 +116,32 @@ def test_discrete_times():
         build(discrete_grid="even")
 
 
-def batch_for(policy: ToyPolicy, n: int = 4, steps: int = 4) -> TrainBatch:
+def batch_for(policy: ToyPolicy, n: int = 4, steps: int = 4, epoch: int = 1) -> TrainBatch:
     g = torch.Generator().manual_seed(5)
     final = torch.randn(n, *policy.latent_shape, generator=g)
     traj = Trajectory(sigmas=policy.sigmas(steps), stochastic=torch.zeros(steps, dtype=torch.bool), final=final)
     return TrainBatch(trajectory=traj, cond=policy.encode(["a", "b", "c", "d"][:n]),
-                      advantages=torch.tensor([-1.0, -0.2, 0.4, 1.0])[:n], fresh=True)
+                      advantages=torch.tensor([-1.0, -0.2, 0.4, 1.0])[:n], fresh=True,
+                      sample_keys=tuple((epoch, 0, 10 + i) for i in range(n)))
 
 
-def test_units_are_reproducible_from_the_state_counter():
+def test_units_are_drawn_per_rollout_from_its_key():
     policy = ToyPolicy(size=4, hidden=8)
     batch = batch_for(policy)
     a, b = build(seed=1), build(seed=1)
     ua1, ua2 = a.units(batch), a.units(batch)
-    ub1 = b.units(batch)
-    assert len(ua1) == 4 and a.draws == 2
-    assert all(torch.equal(x.times, y.times) and x.seed == y.seed for x, y in zip(ua1, ub1))
-    assert not all(torch.equal(x.times, y.times) for x, y in zip(ua1, ua2))
-    c = build(seed=1)
-    c.load_state_dict(a.state_dict() | {"draws": 1})
-    assert all(torch.equal(x.times, y.times) and x.seed == y.seed for x, y in zip(ua2, c.units(batch)))
+    assert len(ua1) == 4 and all(len(u.seeds) == 4 for u in ua1)
+    # the same keys draw the same times and noise, in any instance and on every call (no hidden counter)
+    for x, y, z in zip(ua1, ua2, b.units(batch)):
+        assert torch.equal(x.times, y.times) and torch.equal(x.times, z.times) and x.seeds == y.seeds == z.seeds
+    # a rollout's draws do not depend on its micro-batch: rows 1..3 alone get rows 1..3 of the whole batch
+    for whole, part in zip(ua1, a.units(batch.select(slice(1, 4)))):
+        assert torch.equal(part.times, whole.times[1:]) and part.seeds == whole.seeds[1:]
+    # another epoch, another run seed: other draws
+    later = a.units(batch_for(policy, epoch=2))
+    assert not all(torch.equal(x.times, y.times) for x, y in zip(ua1, later))
     other = build(seed=2).units(batch)
-    assert {u.seed for u in other}.isdisjoint({u.seed for u in ua1})
+    assert {s for u in other for s in u.seeds}.isdisjoint({s for u in ua1 for s in u.seeds})
 
 
 def test_loss_uses_the_old_weights_and_the_units_noise():
@@ -156,7 +160,8 @@ def test_loss_uses_the_old_weights_and_the_units_noise():
         out = nft.loss(policy, None, batch, unit)
         assert all(torch.equal(p, q) for p, q in zip(params, before))  # the swap restored the weights
         x0 = batch.trajectory.final
-        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(unit.seed))
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s))
+                           for s in unit.seeds])  # row i from its own seed
         t = unit.times
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         text = batch.cond["text"]
@@ -188,10 +193,12 @@ def test_old_policy_follows_the_schedule():
             for p, q in zip(params, new):
                 p.copy_(q)
         nft.on_step(policy)
-    assert nft.pending and torch.equal(nft._ema.shadow[0], start[0])  # `epoch`: not moved yet
-    with nft.sampling(policy):  # moves once, with decay min(3 * 0.1, 0.5) = 0.3
+    assert torch.equal(nft._ema.shadow[0], start[0])  # `epoch`: not moved by the steps
+    with nft.sampling(policy):  # sampling does not move it either
         pass
-    assert nft.last_decay == pytest.approx(0.3) and not nft.pending
+    assert torch.equal(nft._ema.shadow[0], start[0])
+    nft.on_epoch_end(policy)  # moves once, with decay min(3 * 0.1, 0.5) = 0.3
+    assert nft.last_decay == pytest.approx(0.3)
     for s, a, b in zip(nft._ema.shadow, start, steps[-1]):
         torch.testing.assert_close(s, 0.3 * a + 0.7 * b)
 
@@ -206,6 +213,7 @@ def test_old_policy_follows_the_schedule():
         per_step.on_step(p2)
         d = min((i + 1) * 0.1, 0.5)
         shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, p2.trainable_parameters())]
+    per_step.on_epoch_end(p2)  # `step`: the epoch's end moves it no further
     for s, e in zip(per_step._ema.shadow, shadow):
         torch.testing.assert_close(s, e)
 
@@ -243,8 +251,7 @@ def test_state_dict_round_trip():
             for p in policy.trainable_parameters():
                 p.add_(0.01)
         a.on_step(policy)
-    with a.sampling(policy):
-        pass
+    a.on_epoch_end(policy)
     a.on_step(policy)
     state = a.state_dict()
     next_units = a.units(batch)
@@ -258,7 +265,7 @@ def test_state_dict_round_trip():
             b.load_state_dict(state)  # before the EMA exists: kept until setup creates it
             b.setup(fresh, None)
         sb = b.state_dict()
-        assert {k: sb[k] for k in ("steps", "draws", "pending", "last_decay")} == {
-            "steps": 4, "draws": 3, "pending": True, "last_decay": pytest.approx(0.5)}  # min(3 * 0.2, 0.5)
+        assert {k: sb[k] for k in ("steps", "last_decay")} == {
+            "steps": 4, "last_decay": pytest.approx(0.5)}  # min(3 * 0.2, 0.5)
         assert all(torch.equal(x, y) for x, y in zip(sb["ema"]["shadow"], state["ema"]["shadow"]))
         assert all(torch.equal(x.times, y.times) for x, y in zip(next_units, b.units(batch)))

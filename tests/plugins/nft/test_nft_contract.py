@@ -8,22 +8,18 @@ from flowfactory.testing import OptimizerContract
 class TestNFTContract(OptimizerContract):
     component = "nft"
     options = {}
-    rows_independent = False  # training times and noise are drawn per micro-batch (seeded by a counter)
 
 
 class TestNFTUniformWithKLContract(OptimizerContract):
     component = "nft"
     options = {"time_sampling": "uniform", "num_times": 2, "kl_beta": 0.01, "beta": 0.1, "time_shift": 3.0}
-    rows_independent = False
 
 
 class TestNFTLogitNormalContract(OptimizerContract):
     component = "nft"
     options = {"time_sampling": "logit-normal", "num_times": 3, "old_update": "step"}
-    rows_independent = False
 
 
 class TestNFTEvenGridContract(OptimizerContract):
     component = "nft"
     options = {"discrete_grid": "even", "num_times": 5}
-    rows_independent = False

@@ -656,12 +656,12 @@ class OptimizerContract(_ComponentContract):
         if on_rollout is not None:  # as the loop does, after the rollouts and before any update
             on_rollout(policy)
         advantages = torch.linspace(-1.0, 1.0, n, dtype=torch.float32)
-        return TrainBatch(trajectory=traj, cond=cond, advantages=advantages, fresh=True)
+        return TrainBatch(trajectory=traj, cond=cond, advantages=advantages, fresh=True,
+                          sample_keys=tuple((1, 0, i) for i in range(n)))  # (epoch, inner epoch, sample), as the loop
 
     @staticmethod
     def sub_batch(batch: TrainBatch, rows: slice, fresh: bool | None = None) -> TrainBatch:
-        return TrainBatch(trajectory=batch.trajectory.select(rows), cond=select_rows(batch.cond, rows),
-                          advantages=batch.advantages[rows], fresh=batch.fresh if fresh is None else fresh)
+        return batch.select(rows, fresh=fresh)
 
     @staticmethod
     def _seeded_loss(optimizer: PolicyOptimizer, policy: Policy, sampler: Sampler, batch: TrainBatch,
@@ -735,11 +735,13 @@ class OptimizerContract(_ComponentContract):
         rows = slice(1, n)
         part = self.sub_batch(batch, rows)
         with torch.no_grad():
-            for unit in optimizer.units(part):
+            # each side draws its own units, as the loop does for each micro-batch: per-row randomness keyed
+            # by TrainBatch.sample_keys makes a row's units, and so its loss, the same in either
+            for unit, full_unit in zip(optimizer.units(part), optimizer.units(batch), strict=True):
                 small = self._seeded_loss(optimizer, policy, sampler, part, unit).loss
                 assert tuple(small.shape) == (n - 1,), f"a micro-batch of {n - 1} rows gives shape {tuple(small.shape)}"
                 if self.rows_independent:
-                    full = self._seeded_loss(optimizer, policy, sampler, batch, unit).loss
+                    full = self._seeded_loss(optimizer, policy, sampler, batch, full_unit).loss
                     assert max_abs_diff(small, full[rows]) <= self.atol, (
                         f"unit {unit!r}: a row's loss changes with its micro-batch; set `rows_independent = "
                         "False` if that is intended")

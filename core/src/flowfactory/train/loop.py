@@ -2,11 +2,13 @@
 
 prompts (K copies each = a group) -> cached conditioning -> rollout (no grad) -> decode -> rewards ->
 advantages -> inner epochs x optimizer steps x micro-batches x the algorithm's units: loss, backward ->
-clip, step -> EMA -> metrics, sample grid -> eval on held-out prompts -> checkpoint.
+clip, step -> EMA -> the algorithm's epoch end -> metrics, sample grid -> eval on held-out prompts ->
+checkpoint.
 
 Every random draw is seeded from (seed, epoch, global sample index), never from a running RNG, so a run
 is reproducible, a resumed run equals an uninterrupted one, and a sample draws the same noise whichever
-process rolls it out. The core never looks inside a policy, sampler, reward or algorithm.
+process rolls it out. Algorithms get the same keys (`TrainBatch.sample_keys`) for their own draws. The
+core never looks inside a policy, sampler, reward or algorithm.
 """
 
 from __future__ import annotations
@@ -295,7 +297,8 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
                     micro = idx.split(t.micro_batch_size)
                     for m, mb in enumerate(micro):
                         batch = TrainBatch(trajectory=traj.select(mb), cond=select_rows(cond, mb),
-                                           advantages=advantages[mb], fresh=inner == 0 and step == 0)
+                                           advantages=advantages[mb], fresh=inner == 0 and step == 0,
+                                           sample_keys=tuple((epoch, inner, local.start + int(i)) for i in mb))
                         units = algorithm.units(batch)
                         for u, unit in enumerate(units):
                             last = m == len(micro) - 1 and u == len(units) - 1
@@ -314,6 +317,7 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
                     hooks.on_step(policy)
                     if ema is not None:
                         ema.update(params)
+            hooks.on_epoch_end(policy)
             consistent = True
             t2 = time.perf_counter()
 
@@ -386,6 +390,9 @@ class AlgorithmHooks:
 
     def on_step(self, policy: Any) -> None:
         self._get("on_step")(policy)
+
+    def on_epoch_end(self, policy: Any) -> None:
+        self._get("on_epoch_end")(policy)
 
     def state_dict(self) -> dict[str, Any]:
         return self._get("state_dict")()

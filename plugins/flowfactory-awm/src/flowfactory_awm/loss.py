@@ -13,8 +13,10 @@ against the forward-process target as the log-likelihood surrogate:
     KL_x = mean over latent dims of (v_theta - v_x)^2   [/ (2 std_t^2), std_t = 0.7 sqrt(t / (1 - min(t, 0.99)))]
 
 Errors and log-likelihoods are computed in float64, as the reference does. Every draw comes from a generator
-seeded by (run seed, a counter kept in `state_dict`), never from torch's global RNG, so a resumed run equals
-an uninterrupted one.
+seeded by the run seed and `TrainBatch` keys (epoch, inner epoch, global sample index), never from torch's
+global RNG, so a resumed run equals an uninterrupted one. Noise eps, and `uniform` times, are drawn per
+rollout from its own key, whatever its micro-batch or process; `discrete` and `logit_normal` times are shared
+by a micro-batch, as the reference does, and drawn from the key of its first row.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from flowfactory.samplers.flow import randn_per_sample
 from flowfactory.train.ema import EMA
 from flowfactory.train.loop import sample_seed
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
@@ -37,11 +40,11 @@ _STREAM = 0x41574D  # "AWM": keeps this optimizer's seeds apart from the loop's 
 class AWMUnit:
     """One work unit: the k-th sampled noise level of a micro-batch.
 
-    times: [B] float32 noise level per row; noise_seed: seeds this unit's eps [B, *latent]."""
+    times: [B] float32 noise level per row; noise_seeds: per row, the seed of this unit's eps [*latent]."""
 
     index: int
     times: torch.Tensor
-    noise_seed: int
+    noise_seeds: tuple[int, ...]
 
 
 def weighted_log_likelihood(err: torch.Tensor, t: torch.Tensor, weighting: str, delta: float = 1e-10,
@@ -102,7 +105,6 @@ class AWM(OptimizerHooks):
     def __init__(self, options: Any, seed: int = 0):
         self.options = options
         self.seed = int(seed)
-        self.draws = 0  # micro-batches whose times/noise were drawn: the RNG counter
         self.steps = 0  # optimizer steps taken (the linear EMA decay schedule counts them)
         self.ema_steps = 0  # optimizer steps already folded into the EMA policy
         self.ema: EMA | None = None  # the EMA policy (KL-EMA and off-policy sampling)
@@ -142,11 +144,8 @@ class AWM(OptimizerHooks):
         self.ema_steps = self.steps
 
     def sampling(self, policy: Policy) -> Any:
-        """Before the rollout: fold the last epoch's steps into the EMA policy (per-epoch update, as the
-        reference does at the end of an epoch); roll out with the EMA policy when `off_policy`."""
+        """Roll out with the EMA policy when `off_policy`."""
         params = self._parameters(policy)
-        if self.options.ema_update == "epoch":
-            self._update_ema()
         if self.options.off_policy and self.ema is not None:
             return self.ema.swapped(params)
         return nullcontext()
@@ -161,31 +160,42 @@ class AWM(OptimizerHooks):
         if self.options.ema_update == "step":
             self._update_ema()
 
+    def on_epoch_end(self, policy: Policy) -> None:
+        """Fold the epoch's steps into the EMA policy with `ema_update: epoch`, as the reference does."""
+        if self.options.ema_update == "epoch":
+            self._parameters(policy)
+            self._update_ema()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"draws": self.draws, "steps": self.steps, "ema_steps": self.ema_steps,
+        return {"steps": self.steps, "ema_steps": self.ema_steps,
                 "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._needs_ema and self.ema is None and state.get("ema") is not None:
             self._pending_state = state  # applied by setup(), once the parameters are known
             return
-        self.draws, self.steps, self.ema_steps = int(state["draws"]), int(state["steps"]), int(state["ema_steps"])
+        self.steps, self.ema_steps = int(state["steps"]), int(state["ema_steps"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
 
     # --- the loss ---------------------------------------------------------------------------------------------
     def units(self, batch: TrainBatch) -> list[AWMUnit]:
-        """K noise levels for this micro-batch (stratified over the K units), from the counter's generator."""
+        """K noise levels per rollout (stratified over the K units) and their noise seeds, from the rows' keys."""
         o = self.options
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, _STREAM, self.draws))
-        b = len(batch.trajectory)
-        times = sample_times(o.time_type, o.num_times, b, gen, sigmas=batch.trajectory.sigmas, shift=o.time_shift,
-                             fraction=o.timestep_fraction, lo=o.time_min, hi=o.time_max, mean=o.logit_mean,
-                             std=o.logit_std, t_min=o.logit_t_min)
-        units = [AWMUnit(index=k, times=times[k], noise_seed=sample_seed(self.seed, _STREAM, self.draws, k + 1))
-                 for k in range(o.num_times)]
-        self.draws += 1
-        return units
+        keys = [(self.seed, _STREAM, *key) for key in batch.row_keys()]
+
+        def times_for(b: int, key: tuple[int, ...]) -> torch.Tensor:
+            return sample_times(o.time_type, o.num_times, b, torch.Generator().manual_seed(sample_seed(*key, 0)),
+                                sigmas=batch.trajectory.sigmas, shift=o.time_shift, fraction=o.timestep_fraction,
+                                lo=o.time_min, hi=o.time_max, mean=o.logit_mean, std=o.logit_std,
+                                t_min=o.logit_t_min)
+
+        if o.time_type == "uniform":  # per rollout
+            times = torch.cat([times_for(1, key) for key in keys], dim=1)
+        else:  # one time per unit for the whole micro-batch, as the reference
+            times = times_for(len(keys), keys[0])
+        return [AWMUnit(index=k, times=times[k], noise_seeds=tuple(sample_seed(*key, k + 1) for key in keys))
+                for k in range(o.num_times)]
 
     @contextmanager
     def _old_policy(self, policy: Policy) -> Iterator[None]:
@@ -197,8 +207,8 @@ class AWM(OptimizerHooks):
     def loss(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: AWMUnit) -> LossOutput:
         o = self.options
         x0 = batch.trajectory.final
-        gen = torch.Generator().manual_seed(unit.noise_seed)
-        eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=x0.device, dtype=x0.dtype)
+        eps = randn_per_sample(tuple(x0.shape[1:]), [torch.Generator().manual_seed(s) for s in unit.noise_seeds],
+                               device=x0.device, dtype=x0.dtype)
         t = unit.times.to(x0.device)
         tb = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         x_t = (1 - tb) * x0 + tb * eps

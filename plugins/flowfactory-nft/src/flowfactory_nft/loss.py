@@ -15,8 +15,10 @@ micro-batch is one work unit (its own forward/backward). The old policy follows 
 after the epoch's last optimizer step, old <- d old + (1 - d) theta with d = min(max(step - flat, 0) * rate, max)
 (0 before `flat`), `step` the optimizer steps taken so far.
 
-Randomness (training times, forward noise) comes from generators seeded by (run seed, option seed, process
-rank, a draw counter); the counter is in `state_dict`, so a resumed run draws what an uninterrupted one does.
+Randomness (training times, forward noise) is drawn per rollout from generators seeded by (run seed, option
+seed, the row's `TrainBatch` key: epoch, inner epoch, global sample index), so a rollout draws the same
+times and noise whatever its micro-batch, process or process count, and a resumed run draws what an
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from flowfactory.samplers.flow import randn_per_sample
 from flowfactory.train.ema import EMA
 from flowfactory.train.loop import sample_seed
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
@@ -40,7 +43,7 @@ class NFTUnit:
 
     index: int  # k in 0..K-1
     times: torch.Tensor  # [B] float32 training times t in [0, 1]
-    seed: int  # seed of this unit's forward-process noise eps
+    seeds: tuple[int, ...]  # per row: the seed of this unit's forward-process noise eps
 
 
 def old_decay(step: int, flat: int, rate: float, ceiling: float) -> float:
@@ -106,13 +109,6 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x0: torch.Tensor, xt: t
     return loss, {"positive": pos, "negative": neg, "r": r}
 
 
-def _rank() -> int:
-    """This process's rank (0 without torch.distributed), so processes draw different noise."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 class NFT(OptimizerHooks):
     """The `nft` policy optimizer (see the module docstring for the objective)."""
 
@@ -122,8 +118,6 @@ class NFT(OptimizerHooks):
         self.options = options
         self.seed = seed
         self.steps = 0  # optimizer steps taken (drives the decay schedule)
-        self.draws = 0  # units() calls so far (keys the training-time and noise generators)
-        self.pending = False  # optimizer steps since the old policy last moved ("epoch" updates)
         self.last_decay = 0.0
         self._ema: EMA | None = None
         self._stashed: dict[str, Any] | None = None  # EMA state loaded before the EMA existed
@@ -145,7 +139,6 @@ class NFT(OptimizerHooks):
         ema.decay = old_decay(self.steps, o.old_decay_flat, o.old_decay_rate, o.old_decay_max)
         ema.update(params)
         self.last_decay = ema.decay
-        self.pending = False
 
     def setup(self, policy: Policy, sampler: Sampler) -> None:
         """Any sampler serves (rollouts are deterministic); creates the old policy from the current weights."""
@@ -155,28 +148,28 @@ class NFT(OptimizerHooks):
     def sampling(self, policy: Policy) -> Iterator[None]:
         """Roll out with the old policy's weights; the trained weights come back after."""
         params = policy.trainable_parameters()
-        if self.pending:
-            self._move_old(params)
         with self._old(params).swapped(params):
             yield
 
     def on_step(self, policy: Policy) -> None:
-        """Count the step; move the old policy now (`old_update: step`) or before the next rollout (`epoch`)."""
+        """Count the step; move the old policy now with `old_update: step`."""
         self.steps += 1
-        self.pending = True
         if self.options.old_update == "step":
+            self._move_old(policy.trainable_parameters())
+
+    def on_epoch_end(self, policy: Policy) -> None:
+        """Move the old policy once per epoch with `old_update: epoch`, as the reference does."""
+        if self.options.old_update == "epoch":
             self._move_old(policy.trainable_parameters())
 
     def state_dict(self) -> dict[str, Any]:
         ema = self._ema.state_dict() if self._ema is not None else self._stashed
-        return {"steps": self.steps, "draws": self.draws, "pending": self.pending, "last_decay": self.last_decay,
-                "ema": ema}
+        return {"steps": self.steps, "last_decay": self.last_decay, "ema": ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        self.steps, self.draws = int(state["steps"]), int(state["draws"])
-        self.pending, self.last_decay = bool(state["pending"]), float(state["last_decay"])
+        self.steps, self.last_decay = int(state["steps"]), float(state["last_decay"])
         if state.get("ema") is not None:
             if self._ema is not None:
                 self._ema.load_state_dict(state["ema"])
@@ -185,22 +178,22 @@ class NFT(OptimizerHooks):
 
     # --- the loss ---------------------------------------------------------------------------------------
     def units(self, batch: TrainBatch) -> list[NFTUnit]:
-        """K training times per rollout of this micro-batch, drawn from the next counter value."""
+        """K training times per rollout of this micro-batch, each rollout's drawn from its own key."""
         traj = batch.trajectory
         k = self.options.num_times or (len(traj.sigmas) - 1)
-        key = (self.seed, self.options.seed, _rank(), self.draws)
-        self.draws += 1
-        gen = torch.Generator().manual_seed(sample_seed(*key, 0))
-        times = draw_times(self.options, len(traj), k, traj.sigmas, gen)
-        return [NFTUnit(index=j, times=times[:, j].contiguous(), seed=sample_seed(*key, 1, j)) for j in range(k)]
+        keys = [(self.seed, self.options.seed, *key) for key in batch.row_keys()]
+        times = torch.cat([draw_times(self.options, 1, k, traj.sigmas,
+                                      torch.Generator().manual_seed(sample_seed(*key, 0))) for key in keys])
+        return [NFTUnit(index=j, times=times[:, j].contiguous(), seeds=tuple(sample_seed(*key, 1, j) for key in keys))
+                for j in range(k)]
 
     def loss(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: NFTUnit) -> LossOutput:
         o = self.options
         params = policy.trainable_parameters()
         final = batch.trajectory.final
         x0 = final.float()
-        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(unit.seed), dtype=torch.float32)
-        eps = eps.to(x0.device)
+        eps = randn_per_sample(tuple(x0.shape[1:]), [torch.Generator().manual_seed(s) for s in unit.seeds],
+                               device=x0.device)
         t = unit.times.to(x0.device, torch.float32)
         tb = t.view(-1, *([1] * (x0.ndim - 1)))
         xt = (1.0 - tb) * x0 + tb * eps
