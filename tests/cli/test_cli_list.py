@@ -35,6 +35,31 @@ def test_list_shows_every_component_with_package_and_version(cli, plugin_state) 
     assert [h.strip() for h in header.split("┃")] == ["kind", "name", "package", "version", "summary"]
 
 
+def test_list_fits_an_80_column_terminal_without_losing_text(plugin_state) -> None:
+    from typer.testing import CliRunner
+
+    from flowfactory_cli.main import create_app
+
+    result = CliRunner().invoke(create_app(plugin_state, strict=True), ["list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert [h.strip() for h in lines[0].split("┃")] == ["kind", "name", "package", "summary"]  # version joins package
+    # each component's cells, folded over several lines, still hold every character of its record
+    cells: list[list[str]] = []
+    for line in lines[2:]:
+        parts = [c.strip() for c in line.split("│")]
+        if parts[0]:
+            cells.append(parts)
+        else:
+            cells[-1] = [a + b for a, b in zip(cells[-1], parts)]
+    squash = "".join
+    assert [c[1] for c in cells] == [s.name for s in plugin_state.registry.specs()]
+    for c, spec in zip(cells, plugin_state.registry.specs()):
+        assert squash(c[2].split()) == squash(f"{spec.package} {spec.version}".split())
+        assert squash(c[3].split()) == squash(spec.summary.split())
+
+
 def test_list_json_is_a_list_of_records(cli, plugin_state) -> None:
     result = cli("list", "--json")
     assert result.exit_code == 0

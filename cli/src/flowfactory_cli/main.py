@@ -131,7 +131,7 @@ def list_components(
         what = KIND_PLURALS[kind] if kind else "components"
         out().print(f"No {what} are installed. Plugin packages add them, e.g. `pip install flowfactory-flux`.")
     else:
-        out().print(render.components_table(records))
+        out().print(render.components_table(records, out().width))
 
 
 def list_plugins(

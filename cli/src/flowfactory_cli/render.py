@@ -26,13 +26,22 @@ def component_records(specs: list[ComponentSpec]) -> list[dict[str, str]]:
             for s in specs]
 
 
-def components_table(records: list[dict[str, str]]) -> Table:
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("kind", "name", "package", "version"):
-        table.add_column(col, no_wrap=True, style="bold" if col == "name" else None)
-    table.add_column("summary", overflow="fold")
+def components_table(records: list[dict[str, str]], width: int = 200) -> Table:
+    """kind | name | package | version | summary; below 110 columns the version joins the package cell and
+    the package name folds, so the summary keeps a readable width on an 80-column terminal."""
+    narrow = width < 110
+    table = Table(show_edge=False)  # pad_edge=False makes rich crop a squeezed last column's text
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("package", overflow="fold", min_width=12 if narrow else None, no_wrap=not narrow)
+    if not narrow:
+        table.add_column("version", no_wrap=True)
+    table.add_column("summary", overflow="fold", min_width=20)
     for r in records:
-        table.add_row(*(escape(r[c]) for c in ("kind", "name", "package", "version", "summary")))
+        cells = [r["kind"], r["name"], r["package"], r["version"], r["summary"]]
+        if narrow:
+            cells[2:4] = [f"{r['package']} {r['version']}"]
+        table.add_row(*(escape(c) for c in cells))
     return table
 
 
