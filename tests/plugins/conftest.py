@@ -16,12 +16,8 @@ def gens() -> Callable[..., list[torch.Generator]]:
 
 @pytest.fixture
 def perturb() -> Callable[..., None]:
-    """perturb(params, seed, scale=0.05): add seeded Gaussian noise in place (stands in for training)."""
-
-    def perturb_(params: list[torch.nn.Parameter], seed: int, scale: float = 0.05) -> None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in params:
-                p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
+    """perturb(params, seed, scale=0.05): add seeded Gaussian noise in place (stands in for training); the
+    diffusers suite's own helper, so plugin tests and the suite move weights the same way."""
+    from flowfactory.testing.diffusers import perturb as perturb_
 
     return perturb_

@@ -38,17 +38,3 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_tiny_pipeline(0).save_pretrained(path)
     return path
 
-
-@pytest.fixture
-def stock() -> Callable[[Path, Any], Any]:
-    """stock(folder, policy): QwenImagePipeline.from_pretrained(folder) with the prompt-prefix length the policy
-    counted (the stock pipeline hard-codes 34, the real Qwen tokenizer's)."""
-    from diffusers import QwenImagePipeline
-
-    def load_(folder: Path, policy: Any) -> Any:
-        pipe = QwenImagePipeline.from_pretrained(folder)
-        pipe.prompt_template_encode_start_idx = policy.pipe.prompt_template_encode_start_idx
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    return load_

@@ -1,5 +1,5 @@
-"""Saving for diffusers: LoRA files a stock WanPipeline loads with `load_lora_weights` (both experts of Wan
-2.2), and full-finetune transformer folders that `from_pretrained` reads."""
+"""Saving Wan 2.2's two experts for diffusers: LoRA files a stock WanPipeline loads with `load_lora_weights`, and
+full-finetune transformer folders that `from_pretrained` reads (one expert is in test_wan_diffusers.py)."""
 
 from __future__ import annotations
 
@@ -21,50 +21,45 @@ def ours(policy, steps: int, z: torch.Tensor, gens) -> torch.Tensor:
     return policy.decode(traj.final)
 
 
-@pytest.mark.parametrize("experts", [1, 2])
-def test_saved_lora_loads_into_a_stock_pipeline(make_policy, tiny_dir: Path, tiny2_dir: Path, tmp_path: Path,
-                                                gens, perturb, experts: int) -> None:
-    policy = make_policy(tiny_experts=experts, lora={"rank": 4, "alpha": 8.0}, guidance_scale=2.0)
+def test_saved_two_expert_lora_loads_into_a_stock_pipeline(make_policy, tiny2_dir: Path, tmp_path: Path, gens,
+                                                           perturb) -> None:
+    policy = make_policy(tiny_experts=2, lora={"rank": 4, "alpha": 8.0}, guidance_scale=2.0)
     perturb(policy.trainable_parameters(), seed=3, scale=0.1)
     out = tmp_path / "final"
     policy.save(str(out))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert "load_lora_weights" in (out / "README.md").read_text()
     info = json.loads((out / "flowfactory.json").read_text())
-    assert (info["kind"], info["experts"]) == ("lora", experts)
+    assert (info["kind"], info["experts"]) == ("lora", 2)
 
     steps, z = 4, policy.noise(gens(2))
     mine = ours(policy, steps, z, gens)
-    stock = WanPipeline.from_pretrained(tiny_dir if experts == 1 else tiny2_dir)
+    stock = WanPipeline.from_pretrained(tiny2_dir)
     untrained = stock(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=2.0, **KW).frames
     stock.load_lora_weights(str(out))
-    if experts == 2:
-        assert (out / "transformer_2" / "pytorch_lora_weights.safetensors").is_file()
-        stock.load_lora_weights(str(out / "transformer_2"), load_into_transformer_2=True)
+    assert (out / "transformer_2" / "pytorch_lora_weights.safetensors").is_file()
+    stock.load_lora_weights(str(out / "transformer_2"), load_into_transformer_2=True)
     theirs = stock(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=2.0, **KW).frames
     assert (mine - theirs).abs().max() < 1e-4
     assert (mine - untrained).abs().max() > 1e-3  # the adapters changed the video, so the check has teeth
 
 
-@pytest.mark.parametrize("experts", [1, 2])
-def test_full_finetune_saves_transformer_folders(make_policy, tiny_dir: Path, tiny2_dir: Path, tmp_path: Path,
-                                                 gens, perturb, experts: int) -> None:
-    policy = make_policy(tiny_experts=experts)
+def test_two_expert_full_finetune_saves_transformer_folders(make_policy, tiny2_dir: Path, tmp_path: Path, gens,
+                                                            perturb) -> None:
+    policy = make_policy(tiny_experts=2)
     assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
     perturb(policy.trainable_parameters(), seed=4, scale=0.02)
     out = tmp_path / "final"
     policy.save(str(out))
     assert json.loads((out / "flowfactory.json").read_text())["kind"] == "full"
-    parts = {"transformer": WanTransformer3DModel.from_pretrained(out / "transformer")}
-    if experts == 2:
-        parts["transformer_2"] = WanTransformer3DModel.from_pretrained(out / "transformer_2")
-    stock = WanPipeline.from_pretrained(tiny_dir if experts == 1 else tiny2_dir, **parts)
+    parts = {name: WanTransformer3DModel.from_pretrained(out / name) for name in ("transformer", "transformer_2")}
+    stock = WanPipeline.from_pretrained(tiny2_dir, **parts)
     steps, z = 4, policy.noise(gens(2))
     theirs = stock(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=1.0, **KW).frames
     assert (ours(policy, steps, z, gens) - theirs).abs().max() < 1e-4
     with policy.reference():  # the frozen copies are the pre-training experts
         ref = ours(policy, steps, z, gens)
-    base = WanPipeline.from_pretrained(tiny_dir if experts == 1 else tiny2_dir)
+    base = WanPipeline.from_pretrained(tiny2_dir)
     untrained = base(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=1.0, **KW).frames
     assert (ref - untrained).abs().max() < 1e-4
     assert (theirs - untrained).abs().max() > 1e-4
