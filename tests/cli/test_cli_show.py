@@ -27,6 +27,26 @@ def test_show_prints_summary_package_and_nested_options(cli) -> None:
     ]
 
 
+def test_show_on_an_80_column_terminal_lists_each_option_with_its_whole_description(plugin_state) -> None:
+    from typer.testing import CliRunner
+
+    from flowfactory_cli.main import create_app
+
+    result = CliRunner().invoke(create_app(plugin_state, strict=True), ["show", "policy", "tiny-policy"],
+                                env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    body = lines[lines.index("options") + 1:]
+    assert body == [
+        'preset  "tiny" | null  (default null)', "    Built-in size preset.",
+        "size  int, >= 2  (default 8)", "    Image side in pixels.",
+        "lora  LoraOptions | null  (default null)", "    LoRA settings; null: full finetune.",
+        "lora.rank  int, >= 1  (default 4)", "    LoRA rank.",
+        "lora.alpha  float | null, > 0  (default null)", "    LoRA alpha; null: equal to rank.",
+    ]
+
+
 def test_show_json(cli) -> None:
     result = cli("show", "optimizer", "fake-opt", "--json")
     assert json.loads(result.stdout) == {

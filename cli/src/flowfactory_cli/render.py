@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from flowfactory_cli.describe import OptionRow
 
@@ -76,6 +78,14 @@ def print_component(console: Console, spec: ComponentSpec, rows: list[OptionRow]
     console.print()
     if not rows:
         console.print("No options.")
+        return
+    if console.width < 110:  # a table's four columns leave a narrow terminal a few letters of description
+        console.print("[bold]options[/]")
+        for r in rows:
+            default = "[red]required[/]" if r.required else f"default {escape(r.default)}"
+            console.print(f"[bold]{escape(r.name)}[/]  {escape(r.type)}  ({default})", overflow="fold")
+            if r.description:
+                console.print(Padding(Text(r.description, overflow="fold"), (0, 0, 0, 4), expand=False))
         return
     table = Table(title="options", title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("name", no_wrap=True, style="bold")

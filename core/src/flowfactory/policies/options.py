@@ -45,8 +45,9 @@ class DiffusersPolicyOptions(BaseModel):
         None, description="Hub id or local folder of the model's diffusers pipeline, loaded with from_pretrained. "
                           "Give this or `preset`.")
     preset: Literal["tiny"] | None = Field(
-        None, description="tiny: a ~7M-parameter random model built in-process from the run seed (32x32 images, "
-                          "4-channel VAE at scale 1, no downloads), for tests and CPU quickstarts. Give this or `model`.")
+        None, description="tiny: a small random model of this architecture built in-process from the run seed (no "
+                          "downloads; the plugin's README gives its sizes), for tests and CPU quickstarts. Give this "
+                          "or `model`.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the frozen parts (text encoders, VAE, and the transformer's base weights under "
