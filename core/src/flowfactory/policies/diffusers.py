@@ -225,13 +225,20 @@ def add_lora(transformer: nn.Module, lora: LoraSettings, seed: int, *, policy: s
 
 
 def save_lora(pipeline_cls: type, transformer: nn.Module, out: Path) -> None:
-    """The transformer's adapter as a diffusers LoRA file that `pipeline.load_lora_weights(out)` reads."""
+    """The transformer's adapter as a diffusers LoRA file that `pipeline.load_lora_weights(out)` reads.
+
+    The saved adapter config names the adapted modules in full instead of suffixes plus `exclude_modules`
+    (dead modules): diffusers hands the config to peft, which targets the state dict's modules and would warn
+    on every load that the exclusions excluded nothing."""
+    from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
 
     state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-    pipeline_cls.save_lora_weights(
-        out, transformer_lora_layers=state,
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    config = transformer.peft_config["default"].to_dict()
+    if config.get("exclude_modules"):
+        config["target_modules"] = sorted(n for n, m in transformer.named_modules() if isinstance(m, LoraLayer))
+        config["exclude_modules"] = None
+    pipeline_cls.save_lora_weights(out, transformer_lora_layers=state, transformer_lora_adapter_metadata=config)
 
 
 def write_notes(out: Path, info: dict[str, Any], readme: str) -> None:
