@@ -17,7 +17,8 @@ class AWMOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     num_times: int = Field(6, ge=1, description=(
-        "K: noise levels t sampled per micro-batch, each its own forward/backward (reference `train_timesteps`)."))
+        "K: noise levels t per rollout (shared by the micro-batch for discrete and logit_normal), each its own "
+        "forward/backward (reference `train_timesteps`)."))
     time_type: Literal["discrete", "uniform", "logit_normal"] = Field("discrete", description=(
         "How t is drawn: `discrete` = the sampler's sigmas, one stratum each, never the first (reference "
         "`discrete_wo_init`); `uniform` = stratified in [time_min, time_max], per sample; `logit_normal` = "
