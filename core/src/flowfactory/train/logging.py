@@ -48,14 +48,30 @@ class MetricsLog:
             self.writer.close()
 
 
-def save_grid(images: torch.Tensor, captions: list[str], path: Path, columns: int = 4, cell: int = 128) -> None:
-    """A PNG grid of images [N, C, H, W] (or videos [N, T, C, H, W]: frames side by side) with captions."""
-    from PIL import Image, ImageDraw, ImageFont
+def save_grid(images: torch.Tensor, captions: list[str], path: Path, columns: int = 4, cell: int = 128,
+              fps: int = 8) -> None:
+    """A PNG grid of images [N, C, H, W] with captions. Videos [N, T, C, H, W] give a PNG with up to 4 evenly
+    spaced frames side by side per sample, and beside it an animated GIF (same name, .gif) of the whole
+    videos at `fps`, one grid per frame."""
+    from PIL import Image
 
-    if images.ndim == 5:  # videos: up to 4 evenly spaced frames per row cell
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if images.ndim == 5:  # videos
         t = images.shape[1]
         idx = torch.linspace(0, t - 1, min(t, 4)).round().long()
-        images = torch.cat(list(images[:, idx].unbind(1)), dim=3)
+        _grid(torch.cat(list(images[:, idx].unbind(1)), dim=3), captions, columns, cell).save(path)
+        frames = [_grid(images[:, i], captions, columns, cell) for i in range(t)]
+        frames = [f.convert("P", palette=Image.ADAPTIVE) for f in frames]
+        frames[0].save(path.with_suffix(".gif"), save_all=True, append_images=frames[1:],
+                       duration=max(1, round(1000 / fps)), loop=0)
+        return
+    _grid(images, captions, columns, cell).save(path)
+
+
+def _grid(images: torch.Tensor, captions: list[str], columns: int, cell: int) -> Any:
+    """images [N, C, H, W] in [0, 1] as one captioned PIL image, `columns` per row, scaled up to ~`cell` px."""
+    from PIL import Image, ImageDraw, ImageFont
+
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     n = len(arr)
     cols = min(columns, n)
@@ -76,5 +92,4 @@ def save_grid(images: torch.Tensor, captions: list[str], path: Path, columns: in
         lines = [text[j:j + max_chars] for j in range(0, min(len(text), 2 * max_chars), max_chars)]
         for k, ln in enumerate(lines):
             draw.text((x + 2, y + ch + 2 + 12 * k), ln, fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    return grid
