@@ -34,3 +34,12 @@ def test_rollout_benchmark_runs_and_matches_the_stock_pipeline(policy: str, pipe
     diff = re.search(r"max abs image difference: (\S+)", out)
     assert diff is not None and float(diff.group(1)) < 1e-4, out
     assert "torchvision" not in result.stderr  # the pipelines' import warnings stay quiet
+
+
+def test_memory_benchmark_halves_a_full_finetune_without_reference() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    ratios = dict(re.findall(r"^(flux|sd3|qwen-image|wan)\s+\S+ MB\s+\S+ MB\s+(\d\.\d{3})$", result.stdout, flags=re.M))
+    assert ratios == {"flux": "0.500", "sd3": "0.500", "qwen-image": "0.500", "wan": "0.500"}, result.stdout
+    assert "FLUX.1-dev transformer: 11.90B parameters" in result.stdout

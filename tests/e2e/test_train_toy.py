@@ -280,3 +280,31 @@ def test_loop_calls_the_optional_algorithm_hooks_and_checkpoints_their_state(toy
     assert state["algorithm"] == {"steps": 4}
     train(path, tmp_path / "r", ["train.epochs=3"], resume=True)
     assert algos[-1].calls == ["setup", "load:4"] + epoch and algos[-1].steps == 6
+
+
+@pytest.mark.parametrize("optimizer, reference", [
+    ({"name": "grpo", "options": {"clip_range": 0.2}}, False),
+    ({"name": "grpo", "options": {"clip_range": 0.2, "kl_beta": 0.01}}, True),
+    ({"name": "nft", "options": {"num_times": 2}}, False),
+    ({"name": "awm", "options": {"num_times": 2, "kl_beta": 0.01}}, True),
+    ({"name": "awm", "options": {"num_times": 2, "ema_kl_beta": 0.1}}, False),  # KL to the EMA policy only
+])
+def test_policy_is_built_with_a_reference_only_when_the_algorithm_uses_it(toy_registry, toy_config, tmp_path,
+                                                                           optimizer, reference):
+    """The loop tells the policy (BuildContext.reference) whether the run will call policy.reference(), so a
+    full finetune without a KL term keeps no frozen copy of its transformer."""
+    from flowfactory.registry import ComponentSpec
+
+    toy = toy_registry.get("policy", "toy")
+    seen = []
+
+    def build(options, ctx):
+        seen.append(ctx.reference)
+        return toy.build(options, ctx)
+
+    toy_registry._specs["policy"]["toy"] = ComponentSpec("policy", "toy", build, toy.options, "", "tests", "0")
+    sampler = {"name": "ode", "options": {"steps": 4}} if optimizer["name"] != "grpo" else None
+    sections = {"optimizer": optimizer, **({"sampler": sampler} if sampler else {})}
+    path = toy_config(train={"epochs": 1, "eval_every": 0, "sample_every": 0, "checkpoint_every": 0}, **sections)
+    train(path, tmp_path / "r")
+    assert seen == [reference]

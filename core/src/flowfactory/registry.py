@@ -40,6 +40,7 @@ class BuildContext:
     device: Any = None  # torch.device, or None for CPU
     dtype: Any = None  # torch dtype of frozen weights, or None for the component's default
     output_dir: str | None = None
+    reference: bool = True  # the run uses the policy's reference view; False: a full finetune keeps no frozen copy
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -176,6 +176,7 @@ class Requirements:
 
     keep: Literal["steps", "final"] = "steps"  # per-step latents and log-probs, or final latents only
     stochastic: bool = True  # SDE rollout (True) or deterministic ODE rollout (False)
+    reference: bool = True  # calls policy.reference() (a KL term); False spares a full finetune its frozen copy
 
 
 @dataclass

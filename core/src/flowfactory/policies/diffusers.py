@@ -103,10 +103,12 @@ class DiffusersPolicyBase:
         return self
 
     def _setup_training(self, transformer: nn.Module, frozen: Sequence[nn.Module], *, lora: LoraSettings | None,
-                        seed: int, gradient_checkpointing: bool) -> None:
-        """Freeze `frozen`, add a LoRA adapter (or keep a frozen copy for a full finetune), set `module`."""
+                        seed: int, gradient_checkpointing: bool, reference: bool = True) -> None:
+        """Freeze `frozen`, add a LoRA adapter (or, for a full finetune whose run uses the reference view, keep
+        a frozen copy: `reference=False` saves the memory of a second transformer), set `module`."""
         self.transformer = transformer
         self.lora = lora
+        self.keeps_reference = reference or lora is not None  # LoRA's reference (adapters off) costs nothing
         for part in frozen:
             part.requires_grad_(False).eval()
         self.fsdp_block_classes = block_classes(transformer)
@@ -118,13 +120,20 @@ class DiffusersPolicyBase:
             transformer.requires_grad_(True)
             for name in self._dead_modules(transformer):  # would never get a gradient: not trainable
                 transformer.get_submodule(name).requires_grad_(False)
-            # the pre-training policy for `reference()`; made before any Accelerate/FSDP wrapping
-            self._frozen_copy = copy.deepcopy(transformer).requires_grad_(False).eval()
+            if reference:  # the pre-training policy for `reference()`; made before any Accelerate/FSDP wrapping
+                self._frozen_copy = copy.deepcopy(transformer).requires_grad_(False).eval()
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()  # only LoRA dropout depends on it; these transformers have no other train-time behaviour
         self.module = transformer
         self._in_reference = False
+
+    def _check_reference(self) -> None:
+        if not self.keeps_reference:
+            raise FlowFactoryError(
+                f"{self.name} policy: reference() needs the frozen copy of the initial transformer, which this full "
+                f"finetune did not keep because the run's algorithm declared it needs no reference (e.g. kl_beta: "
+                f"0). Build the policy with BuildContext(reference=True), or use LoRA, whose reference is free.")
 
     def _dead_modules(self, transformer: nn.Module) -> list[str]:
         """Full names of modules whose output never reaches the velocity: no adapter (LoRA), frozen (full)."""
@@ -154,6 +163,7 @@ class DiffusersPolicyBase:
         """The pre-training policy under no grad: adapters disabled (LoRA) or the frozen copy (full)."""
         if self._in_reference:
             raise RuntimeError(f"{type(self).__name__}.reference() is not re-entrant")
+        self._check_reference()
         self._in_reference = True
         lora_off = self.lora is not None
         try:

@@ -495,6 +495,35 @@ class DiffusersPolicyContract(_ComponentContract):
         torch.testing.assert_close(ref, initial, atol=0, rtol=0)
         assert all(p.requires_grad for p in policy.trainable_parameters())
 
+    def test_full_finetune_without_reference_keeps_no_frozen_copy(self, registry: Registry) -> None:
+        """BuildContext(reference=False) (the run's algorithm has no KL term): no second transformer in memory,
+        the same training velocity, and reference() refuses with the reason; LoRA's reference still works."""
+        import dataclasses
+
+        spec = registry.get(self.kind, self._name())
+        lean = spec.create(dict(self.options), dataclasses.replace(self.context(None), reference=False))
+        full = self.make(registry)
+
+        def held(policy: Any) -> int:  # bytes of every distinct tensor the policy's modules hold
+            seen: dict[int, int] = {}
+            for m in (policy.module, getattr(policy, "_frozen_copy", None)):
+                for t in [*m.parameters(), *m.buffers()] if m is not None else []:
+                    seen[t.data_ptr()] = t.numel() * t.element_size()
+            return sum(seen.values())
+
+        weights = sum(p.numel() * p.element_size() for p in full.trainable_parameters())
+        assert held(full) - held(lean) >= weights  # the frozen copy is at least the trained weights again
+        cond, x, sigma = self._cond(lean), self._noise(lean), torch.tensor(0.5)
+        with torch.no_grad():
+            torch.testing.assert_close(lean.velocity(x, sigma, cond), full.velocity(x, sigma, cond), atol=0, rtol=0)
+        with pytest.raises(FlowFactoryError, match="kl_beta"):
+            with lean.reference():
+                pass
+        adapted = spec.create({**self.options, "lora": dict(self.lora)},
+                              dataclasses.replace(self.context(None), reference=False))
+        with adapted.reference():  # adapters off: free, so always there
+            adapted.velocity(x, sigma, cond)
+
     def test_full_save_reloads_with_from_pretrained(self, registry: Registry, tmp_path: Path) -> None:
         policy = self.make(registry)
         perturb(policy.trainable_parameters(), seed=6)

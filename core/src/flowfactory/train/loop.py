@@ -18,7 +18,7 @@ import math
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,9 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
     if mismatch:
         raise FlowFactoryError(f"{source}: {mismatch[0]}: {mismatch[1]}")
     set_seed(cfg.seed)
-    policy = registry.get("policy", cfg.policy.name).create(options["policy"], ctx)
+    # an algorithm that never calls policy.reference() (no KL term) spares a full finetune its frozen copy
+    policy_ctx = replace(ctx, reference=algorithm.requirements.reference)
+    policy = registry.get("policy", cfg.policy.name).create(options["policy"], policy_ctx)
     rewards = RewardSet([(r.name, registry.get("reward", r.name).create(options[f"rewards[{i}]"], ctx), r.weight)
                          for i, r in enumerate(cfg.rewards)])
     algorithm.setup(policy, sampler)

@@ -100,10 +100,10 @@ def sample_times(kind: str, k: int, b: int, gen: torch.Generator, *, sigmas: tor
 class AWM(OptimizerHooks):
     """The `awm` policy optimizer (see the module docstring for the objective)."""
 
-    requirements = Requirements(keep="final", stochastic=False)
-
     def __init__(self, options: Any, seed: int = 0):
         self.options = options
+        # the KL to the reference needs policy.reference(); the KL to the EMA policy does not
+        self.requirements = Requirements(keep="final", stochastic=False, reference=options.kl_beta > 0)
         self.seed = int(seed)
         self.steps = 0  # optimizer steps taken (the linear EMA decay schedule counts them)
         self.ema_steps = 0  # optimizer steps already folded into the EMA policy

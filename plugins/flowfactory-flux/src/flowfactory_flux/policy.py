@@ -48,6 +48,7 @@ class FluxPolicy(DiffusersPolicyBase):
         guidance_scale: float,
         lora: LoraOptions | None,
         gradient_checkpointing: bool = False,
+        reference: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
@@ -63,7 +64,7 @@ class FluxPolicy(DiffusersPolicyBase):
         c, h, w = self._unpacked_shape
         self.latent_shape: tuple[int, ...] = ((h // 2) * (w // 2), c * 4)
         self._setup_training(pipe.transformer, (pipe.text_encoder, pipe.text_encoder_2, self.vae), lora=lora,
-                             seed=seed, gradient_checkpointing=gradient_checkpointing)
+                             seed=seed, gradient_checkpointing=gradient_checkpointing, reference=reference)
         self.to(self.device)
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -174,6 +175,6 @@ def build_policy(options: FluxOptions, ctx: BuildContext) -> FluxPolicy:
     return FluxPolicy(
         pipe, height=options.height or size, width=options.width or size,
         max_sequence_length=options.max_sequence_length or max_len, guidance_scale=options.guidance_scale,
-        lora=options.lora, gradient_checkpointing=options.gradient_checkpointing, device=ctx.device,
+        lora=options.lora, gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference, device=ctx.device,
         seed=ctx.seed,
     )

@@ -31,10 +31,10 @@ from flowfactory.types import LossOutput, Policy, Requirements, Sampler, TrainBa
 class GRPO:
     """The `grpo` policy optimizer (see the module docstring for the objective)."""
 
-    requirements = Requirements(keep="steps", stochastic=True)
-
     def __init__(self, options: Any):
         self.options = options
+        # the reference view is used only by the KL term; without it a full finetune needs no frozen copy
+        self.requirements = Requirements(keep="steps", stochastic=True, reference=options.kl_beta > 0)
         self._old_params: list[torch.Tensor] | None = None  # GRPO-Guard: the sampling policy's parameters
 
     def check_sampler(self, sampler: Sampler) -> str | None:

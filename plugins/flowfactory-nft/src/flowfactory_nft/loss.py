@@ -112,10 +112,9 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x0: torch.Tensor, xt: t
 class NFT(OptimizerHooks):
     """The `nft` policy optimizer (see the module docstring for the objective)."""
 
-    requirements = Requirements(keep="final", stochastic=False)
-
     def __init__(self, options: Any, seed: int = 0):
         self.options = options
+        self.requirements = Requirements(keep="final", stochastic=False, reference=options.kl_beta > 0)
         self.seed = seed
         self.steps = 0  # optimizer steps taken (drives the decay schedule)
         self.last_decay = 0.0

@@ -54,6 +54,7 @@ class QwenImagePolicy(DiffusersPolicyBase):
         negative_prompt: str = " ",
         lora: LoraOptions | None = None,
         gradient_checkpointing: bool = False,
+        reference: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
@@ -69,7 +70,7 @@ class QwenImagePolicy(DiffusersPolicyBase):
         self.latent_channels: int = pipe.vae.config.z_dim
         self.latent_shape: tuple[int, ...] = ((h // 2) * (w // 2), self.latent_channels * 4)
         self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
-                             gradient_checkpointing=gradient_checkpointing)
+                             gradient_checkpointing=gradient_checkpointing, reference=reference)
         self.to(self.device)
 
     def _dead_modules(self, transformer: torch.nn.Module) -> list[str]:
@@ -216,5 +217,5 @@ def build_policy(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolic
         max_sequence_length=options.max_sequence_length or max_len,
         true_cfg_scale=options.true_cfg_scale if options.true_cfg_scale is not None else cfg,
         negative_prompt=options.negative_prompt, lora=options.lora,
-        gradient_checkpointing=options.gradient_checkpointing, device=ctx.device, seed=ctx.seed,
+        gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference, device=ctx.device, seed=ctx.seed,
     )

@@ -45,6 +45,7 @@ class SD3Policy(DiffusersPolicyBase):
         negative_prompt: str = "",
         lora: LoraOptions | None = None,
         gradient_checkpointing: bool = False,
+        reference: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
@@ -65,7 +66,7 @@ class SD3Policy(DiffusersPolicyBase):
         self._setup_training(
             pipe.transformer, [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, self.vae)
                                if m is not None],
-            lora=lora, seed=seed, gradient_checkpointing=gradient_checkpointing)
+            lora=lora, seed=seed, gradient_checkpointing=gradient_checkpointing, reference=reference)
         self.to(self.device)
 
     def _dead_modules(self, transformer: torch.nn.Module) -> list[str]:
@@ -191,5 +192,5 @@ def build_policy(options: SD3Options, ctx: BuildContext) -> SD3Policy:
         max_sequence_length=options.max_sequence_length or max_len,
         guidance_scale=options.guidance_scale if options.guidance_scale is not None else guidance,
         negative_prompt=options.negative_prompt, lora=options.lora,
-        gradient_checkpointing=options.gradient_checkpointing, device=ctx.device, seed=ctx.seed,
+        gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference, device=ctx.device, seed=ctx.seed,
     )

@@ -81,6 +81,7 @@ class WanPolicy(DiffusersPolicyBase):
         boundary_ratio: float | None = None,
         lora: WanLoraOptions | None = None,
         gradient_checkpointing: bool = False,
+        reference: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
@@ -121,7 +122,7 @@ class WanPolicy(DiffusersPolicyBase):
         self._num_train_timesteps = int(self._scheduler.config.num_train_timesteps)
 
         self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
-                             gradient_checkpointing=gradient_checkpointing)
+                             gradient_checkpointing=gradient_checkpointing, reference=reference)
         frozen_copy, frozen_copy_2 = self._frozen_copy, None
         if self.transformer_2 is not None:
             t2 = self.transformer_2
@@ -129,7 +130,8 @@ class WanPolicy(DiffusersPolicyBase):
                 add_lora(t2, lora, seed + 1, policy=self.name, hint=self.lora_target_hint)
             else:
                 t2.requires_grad_(True)
-                frozen_copy_2 = copy.deepcopy(t2).requires_grad_(False).eval()
+                if reference:
+                    frozen_copy_2 = copy.deepcopy(t2).requires_grad_(False).eval()
             if gradient_checkpointing:
                 t2.enable_gradient_checkpointing()
             t2.train()
@@ -164,6 +166,7 @@ class WanPolicy(DiffusersPolicyBase):
         """The pre-training policy under no grad: adapters disabled on every expert (LoRA) or the frozen copy."""
         if self._in_reference:
             raise RuntimeError("WanPolicy.reference() is not re-entrant")
+        self._check_reference()
         self._in_reference = True
         lora_off = self.lora is not None
         try:
@@ -324,6 +327,6 @@ def build_policy(options: WanOptions, ctx: BuildContext) -> WanPolicy:
         else float(defaults["guidance_scale"]),
         guidance_scale_2=options.guidance_scale_2, negative_prompt=options.negative_prompt, shift=options.shift,
         boundary_ratio=options.boundary_ratio, lora=options.lora,
-        gradient_checkpointing=options.gradient_checkpointing, device=ctx.device, seed=ctx.seed,
+        gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference, device=ctx.device, seed=ctx.seed,
     )
 
