@@ -293,6 +293,37 @@ def dtype_keyword() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
+TRANSFORMERS = ("transformer", "transformer_2")  # pipeline components that are trained (Wan 2.2 has two)
+
+
+def load_or_build(options: Any, ctx: BuildContext, pipeline_cls: type, tiny: Callable[[], Any], *, policy: str,
+                  example: str, gated: str = "") -> tuple[Any, bool]:
+    """The policy's pipeline and whether it is the tiny preset: `tiny()` for `preset: tiny`, else
+    `pipeline_cls.from_pretrained(options.model)` (errors name the `model` option; see `load_pipeline`).
+
+    Dtypes: frozen parts (text encoders, VAE) get `resolve_dtype`; the transformer(s) the same under LoRA (the
+    base weights; adapters are float32), float32 for a full finetune (master weights; mixed precision is
+    Accelerate's)."""
+    is_tiny = options.preset == "tiny"
+    dtype = resolve_dtype(options.dtype, ctx, tiny=is_tiny)
+    transformer_dtype = dtype if options.lora is not None else torch.float32
+    if is_tiny:
+        pipe = tiny()  # float32
+        cast_parts([(part, transformer_dtype if name in TRANSFORMERS else dtype)
+                    for name, part in pipe.components.items() if isinstance(part, nn.Module)])
+        return pipe, True
+    assert options.model is not None  # the options validator guarantees one of model/preset
+    dtypes = {**dict.fromkeys(TRANSFORMERS, transformer_dtype), "default": dtype}
+    return load_pipeline(pipeline_cls, options.model, options.revision, dtypes, policy=policy, example=example,
+                         gated=gated), False
+
+
+def training_kwargs(options: Any, ctx: BuildContext) -> dict[str, Any]:
+    """The constructor arguments every diffusers policy takes from its options and the build context."""
+    return dict(lora=options.lora, gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference,
+                device=ctx.device, seed=ctx.seed)
+
+
 def load_pipeline(pipeline_cls: type, model: str, revision: str | None, dtype: dict[str, torch.dtype], *,
                   policy: str, example: str, gated: str = "") -> Any:
     """`pipeline_cls.from_pretrained` with errors that name the policy's `model` option and the fix.

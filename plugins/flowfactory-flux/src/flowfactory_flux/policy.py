@@ -14,7 +14,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype
+from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import randn_per_sample
 from flowfactory.types import Conditioning
@@ -157,24 +157,12 @@ def build_policy(options: FluxOptions, ctx: BuildContext) -> FluxPolicy:
     Frozen parts get the resolved dtype; a full finetune's transformer is float32 (master weights, mixed
     precision is Accelerate's), a LoRA's base transformer the frozen dtype.
     """
-    dtype = resolve_dtype(options.dtype, ctx, tiny=options.preset == "tiny")
-    transformer_dtype = dtype if options.lora is not None else torch.float32
-    if options.preset == "tiny":
-        from flowfactory_flux.tiny import build_tiny_pipeline
+    from flowfactory_flux.tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(ctx.seed)  # float32
-        cast_parts(((pipe.text_encoder, dtype), (pipe.text_encoder_2, dtype), (pipe.vae, dtype),
-                    (pipe.transformer, transformer_dtype)))
-        size, max_len = TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH
-    else:
-        assert options.model is not None  # the options validator guarantees one of model/preset
-        pipe = load_pipeline(FluxPipeline, options.model, options.revision,
-                             {"transformer": transformer_dtype, "default": dtype}, policy="flux",
-                             example="black-forest-labs/FLUX.1-dev", gated="FLUX.1-dev is gated")
-        size, max_len = REAL_SIZE, REAL_MAX_SEQUENCE_LENGTH
+    pipe, tiny = load_or_build(options, ctx, FluxPipeline, lambda: build_tiny_pipeline(ctx.seed), policy="flux",
+                               example="black-forest-labs/FLUX.1-dev", gated="FLUX.1-dev is gated")
+    size, max_len = (TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH) if tiny else (REAL_SIZE, REAL_MAX_SEQUENCE_LENGTH)
     return FluxPolicy(
         pipe, height=options.height or size, width=options.width or size,
         max_sequence_length=options.max_sequence_length or max_len, guidance_scale=options.guidance_scale,
-        lora=options.lora, gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference, device=ctx.device,
-        seed=ctx.seed,
-    )
+        **training_kwargs(options, ctx))

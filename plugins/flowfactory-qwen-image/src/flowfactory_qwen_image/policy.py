@@ -15,7 +15,7 @@ import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype
+from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import randn_per_sample
 from flowfactory.types import Conditioning
@@ -196,19 +196,13 @@ def build_policy(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolic
     Frozen parts get the resolved dtype; a full finetune's transformer is float32 (master weights, mixed
     precision is Accelerate's), a LoRA's base transformer the frozen dtype.
     """
-    dtype = resolve_dtype(options.dtype, ctx, tiny=options.preset == "tiny")
-    transformer_dtype = dtype if options.lora is not None else torch.float32
-    if options.preset == "tiny":
-        from flowfactory_qwen_image.tiny import build_tiny_pipeline
+    from flowfactory_qwen_image.tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(ctx.seed)  # float32
-        cast_parts(((pipe.text_encoder, dtype), (pipe.vae, dtype), (pipe.transformer, transformer_dtype)))
+    pipe, tiny = load_or_build(options, ctx, QwenImagePipeline, lambda: build_tiny_pipeline(ctx.seed),
+                               policy="qwen-image", example="Qwen/Qwen-Image")
+    if tiny:
         size, max_len, cfg = TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH, 1.0
     else:
-        assert options.model is not None  # the options validator guarantees one of model/preset
-        pipe = load_pipeline(QwenImagePipeline, options.model, options.revision,
-                             {"transformer": transformer_dtype, "default": dtype}, policy="qwen-image",
-                             example="Qwen/Qwen-Image")
         size = pipe.default_sample_size * pipe.vae_scale_factor
         max_len, cfg = REAL_MAX_SEQUENCE_LENGTH, REAL_TRUE_CFG_SCALE
     height = options.height or size
@@ -216,6 +210,4 @@ def build_policy(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolic
         pipe, height=height, width=options.width or options.height or size,
         max_sequence_length=options.max_sequence_length or max_len,
         true_cfg_scale=options.true_cfg_scale if options.true_cfg_scale is not None else cfg,
-        negative_prompt=options.negative_prompt, lora=options.lora,
-        gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference, device=ctx.device, seed=ctx.seed,
-    )
+        negative_prompt=options.negative_prompt, **training_kwargs(options, ctx))

@@ -14,7 +14,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import DiffusersPolicyBase, cast_parts, load_pipeline, resolve_dtype
+from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import randn_per_sample
 from flowfactory.types import Conditioning
@@ -169,21 +169,14 @@ def build_policy(options: SD3Options, ctx: BuildContext) -> SD3Policy:
     Frozen parts get the resolved dtype; a full finetune's transformer is float32 (master weights, mixed
     precision is Accelerate's), a LoRA's base transformer the frozen dtype.
     """
-    dtype = resolve_dtype(options.dtype, ctx, tiny=options.preset == "tiny")
-    transformer_dtype = dtype if options.lora is not None else torch.float32
-    if options.preset == "tiny":
-        from flowfactory_sd3.tiny import build_tiny_pipeline
+    from flowfactory_sd3.tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(ctx.seed)  # float32
-        cast_parts(((pipe.text_encoder, dtype), (pipe.text_encoder_2, dtype), (pipe.text_encoder_3, dtype),
-                    (pipe.vae, dtype), (pipe.transformer, transformer_dtype)))
+    pipe, tiny = load_or_build(options, ctx, StableDiffusion3Pipeline, lambda: build_tiny_pipeline(ctx.seed),
+                               policy="sd3", example="stabilityai/stable-diffusion-3.5-medium",
+                               gated="SD3.5 is gated: accept its licence on the Hub")
+    if tiny:
         size, max_len, guidance = TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH, 1.0
     else:
-        assert options.model is not None  # the options validator guarantees one of model/preset
-        pipe = load_pipeline(StableDiffusion3Pipeline, options.model, options.revision,
-                             {"transformer": transformer_dtype, "default": dtype}, policy="sd3",
-                             example="stabilityai/stable-diffusion-3.5-medium",
-                             gated="SD3.5 is gated: accept its licence on the Hub")
         size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
         max_len, guidance = REAL_MAX_SEQUENCE_LENGTH, REAL_GUIDANCE_SCALE
     height = options.height or size
@@ -191,6 +184,4 @@ def build_policy(options: SD3Options, ctx: BuildContext) -> SD3Policy:
         pipe, height=height, width=options.width or options.height or size,
         max_sequence_length=options.max_sequence_length or max_len,
         guidance_scale=options.guidance_scale if options.guidance_scale is not None else guidance,
-        negative_prompt=options.negative_prompt, lora=options.lora,
-        gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference, device=ctx.device, seed=ctx.seed,
-    )
+        negative_prompt=options.negative_prompt, **training_kwargs(options, ctx))

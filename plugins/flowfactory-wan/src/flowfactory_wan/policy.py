@@ -22,10 +22,9 @@ from flowfactory.errors import FlowFactoryError
 from flowfactory.policies.diffusers import (
     DiffusersPolicyBase,
     add_lora,
-    cast_parts,
-    load_pipeline,
-    resolve_dtype,
+    load_or_build,
     save_lora,
+    training_kwargs,
     write_notes,
 )
 from flowfactory.registry import BuildContext
@@ -304,21 +303,12 @@ def build_policy(options: WanOptions, ctx: BuildContext) -> WanPolicy:
     Frozen parts get the resolved dtype; a full finetune's experts are float32 (master weights, mixed precision
     is Accelerate's), a LoRA's base experts the frozen dtype.
     """
-    dtype = resolve_dtype(options.dtype, ctx, tiny=options.preset == "tiny")
-    transformer_dtype = dtype if options.lora is not None else torch.float32
-    if options.preset == "tiny":
-        from flowfactory_wan.tiny import build_tiny_pipeline
+    from flowfactory_wan.tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(ctx.seed, experts=options.tiny_experts)  # float32
-        cast_parts([(pipe.text_encoder, dtype), (pipe.vae, dtype)]
-                   + [(t, transformer_dtype) for t in (pipe.transformer, pipe.transformer_2) if t is not None])
-        defaults = TINY
-    else:
-        assert options.model is not None  # the options validator guarantees one of model/preset
-        pipe = load_pipeline(WanPipeline, options.model, options.revision,
-                             {"transformer": transformer_dtype, "transformer_2": transformer_dtype,
-                              "default": dtype}, policy="wan", example="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-        defaults = REAL
+    pipe, tiny = load_or_build(options, ctx, WanPipeline,
+                               lambda: build_tiny_pipeline(ctx.seed, experts=options.tiny_experts), policy="wan",
+                               example="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    defaults = TINY if tiny else REAL
     return WanPolicy(
         pipe, height=options.height or int(defaults["height"]), width=options.width or int(defaults["width"]),
         num_frames=options.num_frames or int(defaults["num_frames"]),
@@ -326,7 +316,5 @@ def build_policy(options: WanOptions, ctx: BuildContext) -> WanPolicy:
         guidance_scale=options.guidance_scale if options.guidance_scale is not None
         else float(defaults["guidance_scale"]),
         guidance_scale_2=options.guidance_scale_2, negative_prompt=options.negative_prompt, shift=options.shift,
-        boundary_ratio=options.boundary_ratio, lora=options.lora,
-        gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference, device=ctx.device, seed=ctx.seed,
-    )
+        boundary_ratio=options.boundary_ratio, **training_kwargs(options, ctx))
 
