@@ -95,6 +95,24 @@ class DiffusersPolicyBase:
             self._sigmas[steps] = compute().detach().to(torch.float32).cpu()
         return self._sigmas[steps].clone()
 
+    def _dynamic_shift_mu(self, image_seq_len: int, max_shift: float = 1.15) -> float:
+        """The resolution-dependent shift mu of the scheduler's config for `image_seq_len` image tokens (as the
+        pipelines' `calculate_shift`); `max_shift` is the default when the config has none."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self._scheduler.config
+        return calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", max_shift))
+
+    def _row_sigmas(self, x: torch.Tensor, sigma: torch.Tensor | float, what: str) -> torch.Tensor:
+        """`sigma` as float32 [B] on x's device, after checking x's per-sample shape against `latent_shape`
+        (`what` names the latents expected in the error, e.g. "latents of 512x512 images")."""
+        if tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(f"{self.name} velocity: x has per-sample shape {tuple(x.shape[1:])}, expected "
+                             f"{self.latent_shape} ({what})")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+
     def to(self, device: torch.device | str) -> Any:
         """Move every part (and the reference copy) to `device`."""
         self.device = torch.device(device)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
 from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.registry import BuildContext
@@ -95,23 +95,16 @@ class FluxPolicy(DiffusersPolicyBase):
         def compute() -> torch.Tensor:
             sched = self._scheduler
             base = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-            mu = calculate_shift(
-                self.latent_shape[0], sched.config.get("base_image_seq_len", 256),
-                sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                sched.config.get("max_shift", 1.15))
-            retrieve_timesteps(sched, steps, "cpu", sigmas=base, mu=mu)
+            retrieve_timesteps(sched, steps, "cpu", sigmas=base, mu=self._dynamic_shift_mu(self.latent_shape[0]))
             return sched.sigmas
 
         return self._cached_sigmas(steps, compute)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Transformer velocity (noise - data) for packed latents x at noise level sigma, in x's dtype."""
-        if tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"flux velocity: x has per-sample shape {tuple(x.shape[1:])}, expected "
-                             f"{self.latent_shape} (packed latents of {self.height}x{self.width} images)")
+        sigma = self._row_sigmas(x, sigma, f"packed latents of {self.height}x{self.width} images")
         b, dtype, device = x.shape[0], self.compute_dtype, x.device
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
-        timestep = (sigma.expand(b) if sigma.ndim == 0 else sigma).to(dtype)
+        timestep = sigma.to(dtype)
         prompt_embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
         pooled = cond["pooled_prompt_embeds"].to(device=device, dtype=dtype)
         img_ids, txt_ids = self._position_ids(prompt_embeds.shape[1], device, dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
 
 from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.registry import BuildContext
@@ -127,11 +127,8 @@ class QwenImagePolicy(DiffusersPolicyBase):
             if steps == 1:
                 return torch.tensor([1.0, 0.0])
             sched = self._scheduler
-            mu = calculate_shift(
-                self.latent_shape[0], sched.config.get("base_image_seq_len", 256),
-                sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                sched.config.get("max_shift", 1.15))
-            retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+            retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps),
+                               mu=self._dynamic_shift_mu(self.latent_shape[0]))
             return sched.sigmas
 
         return self._cached_sigmas(steps, compute)
@@ -147,13 +144,10 @@ class QwenImagePolicy(DiffusersPolicyBase):
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Transformer velocity (noise - data) for packed latents at noise level sigma; with true CFG the
         pipeline's norm-rescaled mix of the conditional and unconditional passes."""
-        if tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"qwen-image velocity: x has per-sample shape {tuple(x.shape[1:])}, expected "
-                             f"{self.latent_shape} (packed latents of {self.height}x{self.width} images)")
-        b, dtype, device = x.shape[0], self.compute_dtype, x.device
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        sigma = self._row_sigmas(x, sigma, f"packed latents of {self.height}x{self.width} images")
+        dtype, device = self.compute_dtype, x.device
         # the pipeline feeds scheduler.timesteps (sigma * 1000, float32) cast to the latents' dtype, over 1000
-        t = (sigma.expand(b) if sigma.ndim == 0 else sigma) * self._scheduler.config.num_train_timesteps
+        t = sigma * self._scheduler.config.num_train_timesteps
         timestep = t.to(dtype) / 1000
         hidden = x.to(dtype)
         out = self._transformer(hidden, timestep, cond["prompt_embeds"].to(device=device, dtype=dtype),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
 from flowfactory.errors import FlowFactoryError
 from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
@@ -111,10 +111,7 @@ class SD3Policy(DiffusersPolicyBase):
             if sched.config.get("use_dynamic_shifting", False):
                 _, h, w = self.latent_shape
                 patch = self.transformer.config.patch_size
-                kwargs["mu"] = calculate_shift(
-                    (h // patch) * (w // patch), sched.config.get("base_image_seq_len", 256),
-                    sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                    sched.config.get("max_shift", 1.16))
+                kwargs["mu"] = self._dynamic_shift_mu((h // patch) * (w // patch), max_shift=1.16)
             retrieve_timesteps(sched, steps, "cpu", **kwargs)
             return sched.sigmas
 
@@ -122,13 +119,10 @@ class SD3Policy(DiffusersPolicyBase):
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Transformer velocity (noise - data) at noise level sigma, CFG-mixed when guidance_scale > 1."""
-        if tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"sd3 velocity: x has per-sample shape {tuple(x.shape[1:])}, expected "
-                             f"{self.latent_shape} (latents of {self.height}x{self.width} images)")
-        b, dtype, device = x.shape[0], self.compute_dtype, x.device
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        sigma = self._row_sigmas(x, sigma, f"latents of {self.height}x{self.width} images")
+        dtype, device = self.compute_dtype, x.device
         # the pipeline feeds scheduler.timesteps = sigmas * num_train_timesteps, in float32
-        timestep = (sigma.expand(b) if sigma.ndim == 0 else sigma) * self._scheduler.config.num_train_timesteps
+        timestep = sigma * self._scheduler.config.num_train_timesteps
         embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
         pooled = cond["pooled_prompt_embeds"].to(device=device, dtype=dtype)
         hidden = x.to(dtype)

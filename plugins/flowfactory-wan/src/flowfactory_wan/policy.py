@@ -213,12 +213,7 @@ class WanPolicy(DiffusersPolicyBase):
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Velocity (noise - data) of the expert acting at sigma, CFG-mixed with that expert's guidance scale."""
-        if tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"wan velocity: x has per-sample shape {tuple(x.shape[1:])}, expected "
-                             f"{self.latent_shape} (latents of {self.num_frames}x{self.height}x{self.width} videos)")
-        b, device = x.shape[0], x.device
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
-        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        sigma = self._row_sigmas(x, sigma, f"latents of {self.num_frames}x{self.height}x{self.width} videos")
         experts = self.expert_index(sigma)
         if bool((experts == experts[0]).all()):
             return self._expert_velocity(int(experts[0]), x, sigma, cond)
