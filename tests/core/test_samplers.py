@@ -30,7 +30,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from flowfactory.registry import BuildContext, Registry
-from flowfactory.samplers.flow import gaussian_log_prob, randn_per_sample
+from flowfactory.samplers.flow import gaussian_log_prob
+from flowfactory.seeding import randn_per_sample
 from flowfactory.testing import load_registry, make_generators
 from flowfactory.testing.toy import ToyPolicy
 from flowfactory.types import Conditioning, Trajectory

@@ -14,20 +14,10 @@ import numpy as np
 import torch
 
 from flowfactory.samplers import CPSOptions, DanceSDEOptions, FlowSDEOptions, SDEWindowOptions
+from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning, Policy, StepDistribution, Trajectory
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def randn_per_sample(shape: tuple[int, ...], generators: list[torch.Generator], device=None,
-                     dtype=torch.float32) -> torch.Tensor:
-    """Standard normal [len(generators), *shape], each row from its own generator.
-
-    Rows depend only on their generator, so a sample draws the same noise whatever batch or process
-    it lands in.
-    """
-    rows = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
-    return torch.stack(rows).to(device=device, dtype=dtype)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ class ToyPolicy:
         return {"text": torch.stack(rows).to(self.device)}
 
     def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
-        from flowfactory.samplers.flow import randn_per_sample
+        from flowfactory.seeding import randn_per_sample
 
         return randn_per_sample(self.latent_shape, generators, device=self.device)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,8 +27,10 @@ import torch
 from flowfactory.config import RunConfig, sampler_mismatch
 from flowfactory.errors import FlowFactoryError
 from flowfactory.registry import BuildContext
+from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: old import path)
 from flowfactory.train import checkpoint as ckpt
 from flowfactory.train.advantages import compute_advantages
+from flowfactory.train.conditioning import ConditioningCache
 from flowfactory.train.data import load_prompts
 from flowfactory.train.ema import EMA
 from flowfactory.train.logging import MetricsLog, save_grid
@@ -50,15 +51,6 @@ class RunSummary:
     resumed_from: int | None
 
 
-def sample_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed mixed from the run seed and integer keys (epoch, sample index, ...)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def generators(seed: int, keys: list[tuple[int, ...]]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(sample_seed(seed, *k)) for k in keys]
-
-
 def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
     first = parts[0]
 
@@ -68,31 +60,6 @@ def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
 
     return Trajectory(sigmas=first.sigmas, stochastic=first.stochastic, final=cat("final"),
                       latents=cat("latents"), log_probs=cat("log_probs"))
-
-
-class ConditioningCache:
-    """Frozen text conditioning per prompt, encoded once and kept on the device (LRU-bounded)."""
-
-    def __init__(self, policy: Any, capacity: int = 512):
-        self.policy = policy
-        self.capacity = capacity
-        self.rows: OrderedDict[str, Conditioning] = OrderedDict()
-        self.encoded = 0
-
-    def __call__(self, prompts: list[str]) -> Conditioning:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.rows))
-        if missing:
-            with torch.no_grad():
-                enc = self.policy.encode(missing)
-            self.encoded += len(missing)
-            for i, p in enumerate(missing):
-                self.rows[p] = select_rows(enc, slice(i, i + 1))
-        for p in prompts:
-            self.rows.move_to_end(p)
-        out = {k: torch.cat([self.rows[p][k] for p in prompts]) for k in self.rows[prompts[0]]}
-        while len(self.rows) > max(self.capacity, len(set(prompts))):
-            self.rows.popitem(last=False)
-        return out
 
 
 def _config_dump(cfg: RunConfig) -> dict[str, Any]:

@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
-from flowfactory.samplers.flow import randn_per_sample
+from flowfactory.seeding import randn_per_sample, sample_seed
 from flowfactory.train.ema import EMA
-from flowfactory.train.loop import sample_seed
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
 
 

@@ -17,7 +17,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
 
 from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.registry import BuildContext
-from flowfactory.samplers.flow import randn_per_sample
+from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
 from flowfactory_qwen_image import LoraOptions, QwenImageOptions
 

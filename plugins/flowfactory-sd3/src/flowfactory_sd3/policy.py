@@ -16,7 +16,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import r
 from flowfactory.errors import FlowFactoryError
 from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.registry import BuildContext
-from flowfactory.samplers.flow import randn_per_sample
+from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
 from flowfactory_sd3 import LoraOptions, SD3Options
 

@@ -28,7 +28,7 @@ from flowfactory.policies.diffusers import (
     write_notes,
 )
 from flowfactory.registry import BuildContext
-from flowfactory.samplers.flow import randn_per_sample
+from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
 from flowfactory_wan import WanLoraOptions, WanOptions
 
