@@ -46,6 +46,22 @@ class EMAConfig(_Strict):
     decay: float = Field(0.95, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
 
 
+class ParallelConfig(_Strict):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Data parallelism over processes: `ddp` replicates the trained model on every process; "
+                           "`fsdp` shards it (FSDP2 `fully_shard` per block of the policy, then the root).")
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free each block's gathered parameters after its forward (less memory, one more "
+                          "all-gather in backward).")
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="fsdp: dtype the sharded parameters are gathered and computed in (mixed precision); "
+                          "null: their own dtype.")
+    reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="fsdp: dtype gradients are reduced in across processes.")
+    cpu_offload: bool = Field(
+        False, description="fsdp: keep parameter shards, gradients and optimizer state in CPU memory between uses.")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(40, ge=1, description="Rollout/update rounds.")
     prompts_per_epoch: int = Field(4, ge=1, description="Distinct prompts sampled per epoch (global).")
@@ -72,6 +88,11 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(10, ge=0, description="Epochs between checkpoints; 0 disables.")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     tensorboard: bool = Field(True, description="Log to tensorboard when the package is installed.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig,
+                                     description="How the trained model is spread over processes (ddp or fsdp).")
+    conditioning_cache: str | None = Field(
+        None, description="Folder of an on-disk cache of encoded prompts, shared by the processes of a run and by "
+                          "later runs of the same model (relative paths: to the config's folder); null: memory only.")
 
 
 class RunConfig(_Strict):
