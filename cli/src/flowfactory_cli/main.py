@@ -191,6 +191,25 @@ def validate(ctx: typer.Context, config: ConfigArgument, overrides: SetOption = 
     console.print(render.config_summary(cfg, _state(ctx).registry))
 
 
+def plan(
+    ctx: typer.Context,
+    config: ConfigArgument,
+    overrides: SetOption = None,
+    processes: Annotated[int, typer.Option(
+        "--processes", "-n", min=1, help="Processes the run will be launched with (its world size).")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (bytes) instead of tables.")] = False,
+) -> None:
+    """Per-process memory of a run before launch, from the model's config alone (no weights loaded)."""
+    cfg, options = _load_config(ctx, config, overrides)
+    from flowfactory.plan import plan_memory
+
+    record = plan_memory(cfg, options, _state(ctx).registry, processes, source=str(config)).to_dict()
+    if as_json:
+        _print_json(record)
+    else:
+        render.print_plan(out(), record)
+
+
 def run(
     ctx: typer.Context,
     config: ConfigArgument,
@@ -240,6 +259,7 @@ BUILTIN_COMMANDS: tuple[tuple[str, Any], ...] = (
     ("plugins", list_plugins),
     ("show", show),
     ("validate", validate),
+    ("plan", plan),
     ("run", run),
 )
 

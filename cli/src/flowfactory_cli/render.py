@@ -149,3 +149,40 @@ def run_summary_panel(summary: Any) -> Panel:
     grid.add_row("samples", escape(str(summary.samples_dir)))
     grid.add_row("wall time", duration(float(summary.wall_seconds)))
     return Panel(grid, title="run finished", title_align="left", expand=False)
+
+
+def _units(n: int) -> str:
+    """Bytes in binary units (1.50 GiB), as `flowfactory.plan.human_bytes`."""
+    from flowfactory.plan import human_bytes
+
+    return human_bytes(n)
+
+
+def print_plan(console: Console, record: dict[str, Any]) -> None:
+    """`ff plan`: the parameters of each part, then memory per process by item with a total; drawn from the
+    JSON record (`MemoryPlan.to_dict`) so the table and `--json` agree."""
+    parts = Table(show_edge=False, title=f"{escape(record['policy'])} policy: parameters", title_justify="left")
+    for col in ("part", "role", "class"):
+        parts.add_column(col, no_wrap=True)
+    parts.add_column("parameters", justify="right")
+    parts.add_column("trainable", justify="right")
+    for p in record["parts"]:
+        parts.add_row(escape(p["name"]), p["role"], escape(p["label"]), f"{p['parameters']:,}", f"{p['trainable']:,}")
+    console.print(parts)
+    n = record["processes"]
+    rows = Table(show_edge=False, title=f"memory per process ({n} process{'es' if n != 1 else ''}, "
+                                        f"{record['strategy']})", title_justify="left")
+    rows.add_column("item", no_wrap=True)
+    rows.add_column("bytes", justify="right", no_wrap=True)
+    rows.add_column("how", overflow="fold")
+    for r in record["rows"]:
+        rows.add_row(escape(r["item"]) + (" [dim](host)[/]" if r["host"] else ""), _units(r["bytes"]),
+                     escape(r["detail"]))
+    rows.add_row("activations", "[yellow]not estimated[/]", "depend on resolution, micro_batch_size and "
+                 "gradient_checkpointing; measure them")
+    rows.add_section()
+    rows.add_row("[bold]total[/]", f"[bold]{_units(record['device_total'])}[/]", "device memory per process, "
+                 "activations excluded" + (f"; host: {_units(record['host_total'])}" if record["host_total"] else ""))
+    console.print(rows)
+    for note in record["notes"]:
+        console.print(f"[dim]{escape(note)}[/]")

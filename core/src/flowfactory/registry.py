@@ -53,6 +53,7 @@ class ComponentSpec:
     summary: str
     package: str
     version: str
+    plan: Callable[[Any, BuildContext], Any] | None = None  # policies: options, ctx -> flowfactory.plan.PolicyPlan
 
     def validate_options(self, raw: dict[str, Any] | None) -> BaseModel:
         return self.options.model_validate(raw or {})
@@ -78,7 +79,10 @@ class Registry:
         self._specs[spec.kind][spec.name] = spec
 
     def registrar(self, kind: str, package: str, version: str) -> Callable[..., None]:
-        """The `register(name, build, *, options=..., summary=...)` callback handed to a hook."""
+        """The `register(name, build, *, options=..., summary=..., plan=None)` callback handed to a hook.
+
+        `plan` (policies only): `plan(options, ctx) -> flowfactory.plan.PolicyPlan`, the policy's modules and
+        per-sample shapes built without weights, for `ff plan`."""
 
         def register(
             name: str,
@@ -86,6 +90,7 @@ class Registry:
             *,
             options: type[BaseModel] | None = None,
             summary: str = "",
+            plan: Callable[[Any, BuildContext], Any] | None = None,
         ) -> None:
             if not isinstance(name, str) or not name:
                 raise PluginError(f"{package}: a {kind} was registered without a name")
@@ -94,8 +99,10 @@ class Registry:
             opts = options or NoOptions
             if not (isinstance(opts, type) and issubclass(opts, BaseModel)):
                 raise PluginError(f"{package}: {kind} {name!r} options must be a pydantic model class")
+            if plan is not None and (kind != "policy" or not callable(plan)):
+                raise PluginError(f"{package}: {kind} {name!r}: `plan=` takes a callable and applies to policies only")
             first_line = (summary.strip().splitlines() or [""])[0] if summary else ""
-            self.add(ComponentSpec(kind, name, build, opts, first_line, package, version))
+            self.add(ComponentSpec(kind, name, build, opts, first_line, package, version, plan))
 
         return register
 

@@ -16,10 +16,11 @@ from flowfactory.policies.options import DEFAULT_LORA_TARGETS, DiffusersPolicyOp
 from flowfactory.registry import BuildContext
 
 if TYPE_CHECKING:
+    from flowfactory.plan import PolicyPlan
     from flowfactory_flux.policy import FluxPolicy
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_LORA_TARGETS", "FluxOptions", "LoraOptions", "build", "register_policies"]
+__all__ = ["DEFAULT_LORA_TARGETS", "FluxOptions", "LoraOptions", "build", "plan", "register_policies"]
 
 
 class FluxOptions(DiffusersPolicyOptions):
@@ -49,7 +50,15 @@ def build(options: FluxOptions, ctx: BuildContext) -> FluxPolicy:
     return build_policy(options, ctx)
 
 
+def plan(options: FluxOptions, ctx: BuildContext) -> PolicyPlan:
+    """The policy's modules and per-sample shapes on the meta device, for `ff plan` (no weights loaded)."""
+    with quiet_transformers():
+        from flowfactory_flux.plan import plan_policy
+
+    return plan_policy(options, ctx)
+
+
 @hookimpl
 def register_policies(register: Any) -> None:
-    register("flux", build, options=FluxOptions,
+    register("flux", build, options=FluxOptions, plan=plan,
              summary="FLUX.1 text-to-image (diffusers), LoRA or full finetune; preset tiny for CPU.")
