@@ -62,6 +62,12 @@ class ToyPolicy:
             rows.append(self.char_table[idx].mean(0))
         return {"text": torch.stack(rows).to(self.device)}
 
+    def conditioning_fingerprint(self) -> str:
+        """sha256 of what decides `encode`: the character table (so an on-disk conditioning cache can key it)."""
+        import hashlib
+
+        return hashlib.sha256(b"toy|" + self.char_table.numpy().tobytes()).hexdigest()
+
     def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
         from flowfactory.seeding import randn_per_sample
 
