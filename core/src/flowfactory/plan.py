@@ -51,6 +51,7 @@ class Part:
     trainable/frozen: dtype name -> elements; frozen counts frozen parameters and buffers.
     parameters: parameters only (no buffers), trainable included, for the parameter-count column.
     trainable_tensors: parameter tensors the optimizer updates (AdamW keeps a step counter for each).
+    host: kept in CPU memory between uses (e.g. text encoders offloaded by the policy).
     """
 
     name: str
@@ -60,6 +61,7 @@ class Part:
     trainable: Mapping[str, int] = field(default_factory=dict)
     frozen: Mapping[str, int] = field(default_factory=dict)
     trainable_tensors: int = 0
+    host: bool = False
 
     @property
     def trainable_bytes(self) -> int:
@@ -230,9 +232,10 @@ def plan_memory(cfg: Any, options: Mapping[str, Any], registry: Any, processes: 
                         _labels(trained, frozen=True) + share, offload))
     for role, item in (("reference", "reference copy"), ("text encoder", "text encoders"), ("vae", "VAE"),
                        ("frozen", "other frozen modules")):
-        parts = [p for p in plan.parts if p.role == role]
-        if parts:
-            rows.append(Row(item, sum(p.frozen_bytes + p.trainable_bytes for p in parts), _labels(parts)))
+        for host in (False, True):
+            parts = [p for p in plan.parts if p.role == role and p.host == host]
+            if parts:
+                rows.append(Row(item, sum(p.frozen_bytes + p.trainable_bytes for p in parts), _labels(parts), host))
     if par.strategy == "fsdp" and not par.reshard_after_forward and fsdp:
         gathered = sum(p.parameters for p in trained)
         size = DTYPE_BYTES[par.param_dtype] if par.param_dtype else None

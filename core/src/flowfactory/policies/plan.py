@@ -102,10 +102,10 @@ def count(module: nn.Module, trainable: Callable[[str, nn.Parameter], bool]) -> 
 
 
 def module_part(name: str, role: Role, module: nn.Module,
-                trainable: Callable[[str, nn.Parameter], bool] = lambda n, p: False) -> Part:
-    """A `Part` counted from `module` (meta or real)."""
+                trainable: Callable[[str, nn.Parameter], bool] = lambda n, p: False, *, host: bool = False) -> Part:
+    """A `Part` counted from `module` (meta or real); `host`: it stays in CPU memory between uses."""
     train, frozen, tensors, params = count(module, trainable)
-    return Part(name, role, type(module).__name__, params, dict(train), dict(frozen), tensors)
+    return Part(name, role, type(module).__name__, params, dict(train), dict(frozen), tensors, host)
 
 
 def frozen_role(name: str) -> Role:
@@ -118,7 +118,8 @@ def frozen_role(name: str) -> Role:
 def plan_parts(modules: Mapping[str, nn.Module], options: Any, ctx: BuildContext, policy_cls: type) -> tuple[Part, ...]:
     """The policy's parts as `DiffusersPolicyBase._setup_training` leaves them: LoRA adapters (float32) on each
     trained transformer or, for a full finetune, every parameter trainable but the policy's dead modules and a
-    frozen reference copy when the run uses the reference view; the other modules frozen."""
+    frozen reference copy when the run uses the reference view; the other modules frozen (text encoders in host
+    memory under `offload_text_encoders`)."""
     probe = policy_cls.__new__(policy_cls)  # `_dead_modules` reads only the transformer it is given
     parts: list[Part] = []
     for name in TRANSFORMERS:
@@ -137,5 +138,7 @@ def plan_parts(modules: Mapping[str, nn.Module], options: Any, ctx: BuildContext
         parts.append(module_part(name, "trained", module, lambda n, p: p.requires_grad))
         if ctx.reference:
             parts.append(module_part(f"{name} (reference copy)", "reference", module))
-    parts += [module_part(n, frozen_role(n), m) for n, m in modules.items() if n not in TRANSFORMERS]
+    offload = bool(getattr(options, "offload_text_encoders", False))  # the policy moves them in only to encode
+    parts += [module_part(n, frozen_role(n), m, host=offload and frozen_role(n) == "text encoder")
+              for n, m in modules.items() if n not in TRANSFORMERS]
     return tuple(parts)

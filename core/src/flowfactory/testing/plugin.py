@@ -26,6 +26,25 @@ def _build(options: ToyOptions, ctx):
                      device=ctx.device)
 
 
+def _plan(options: ToyOptions, ctx):
+    """The toy policy's memory plan (`ff plan`): its net built on the meta device, a frozen copy it always keeps,
+    the character table it encodes prompts with, float32 pixel latents."""
+    import torch
+
+    from flowfactory.plan import Part, PolicyPlan
+    from flowfactory.policies.plan import module_part
+    from flowfactory.testing.toy import ToyVelocityNet
+
+    channels, cond_dim = 3, 16  # ToyPolicy's defaults, which `_build` keeps
+    with torch.device("meta"):
+        net = ToyVelocityNet(channels, options.hidden, cond_dim)
+    parts = (module_part("net", "trained", net, lambda n, p: True), module_part("net (reference copy)", "reference", net),
+             Part("char_table", "text encoder", "Tensor", 0, frozen={"float32": 128 * cond_dim}))
+    side = options.size
+    return PolicyPlan(parts, (channels, side, side), "float32", (channels, side, side),
+                      {"text": ((cond_dim,), "float32")})
+
+
 @hookimpl
 def register_policies(register):
-    register("toy", _build, options=ToyOptions, summary="Tiny pixel-space conv policy for tests.")
+    register("toy", _build, options=ToyOptions, plan=_plan, summary="Tiny pixel-space conv policy for tests.")

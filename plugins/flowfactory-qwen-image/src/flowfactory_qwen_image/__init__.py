@@ -16,10 +16,11 @@ from flowfactory.policies.options import DiffusersPolicyOptions, LoraOptions
 from flowfactory.registry import BuildContext
 
 if TYPE_CHECKING:
+    from flowfactory.plan import PolicyPlan
     from flowfactory_qwen_image.policy import QwenImagePolicy
 
 __version__ = "0.1.0"
-__all__ = ["QWEN_IMAGE_LORA_TARGETS", "LoraOptions", "QwenImageOptions", "build", "register_policies"]
+__all__ = ["QWEN_IMAGE_LORA_TARGETS", "LoraOptions", "QwenImageOptions", "build", "plan", "register_policies"]
 
 # Qwen-Image's dual-stream attention projections: image stream, then text stream (same names as FLUX/SD3).
 QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
@@ -59,7 +60,15 @@ def build(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolicy:
     return build_policy(options, ctx)
 
 
+def plan(options: QwenImageOptions, ctx: BuildContext) -> PolicyPlan:
+    """The policy's modules and per-sample shapes on the meta device, for `ff plan` (no weights loaded)."""
+    with quiet_transformers():
+        from flowfactory_qwen_image.plan import plan_policy
+
+    return plan_policy(options, ctx)
+
+
 @hookimpl
 def register_policies(register: Any) -> None:
-    register("qwen-image", build, options=QwenImageOptions,
+    register("qwen-image", build, options=QwenImageOptions, plan=plan,
              summary="Qwen-Image text-to-image (diffusers), true CFG, LoRA or full finetune; preset tiny.")

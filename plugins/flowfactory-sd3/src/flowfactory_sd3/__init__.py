@@ -16,10 +16,11 @@ from flowfactory.policies.options import DEFAULT_LORA_TARGETS, DiffusersPolicyOp
 from flowfactory.registry import BuildContext
 
 if TYPE_CHECKING:
+    from flowfactory.plan import PolicyPlan
     from flowfactory_sd3.policy import SD3Policy
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "SD3Options", "build", "register_policies"]
+__all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "SD3Options", "build", "plan", "register_policies"]
 
 
 class SD3Options(DiffusersPolicyOptions):
@@ -53,7 +54,15 @@ def build(options: SD3Options, ctx: BuildContext) -> SD3Policy:
     return build_policy(options, ctx)
 
 
+def plan(options: SD3Options, ctx: BuildContext) -> PolicyPlan:
+    """The policy's modules and per-sample shapes on the meta device, for `ff plan` (no weights loaded)."""
+    with quiet_transformers():
+        from flowfactory_sd3.plan import plan_policy
+
+    return plan_policy(options, ctx)
+
+
 @hookimpl
 def register_policies(register: Any) -> None:
-    register("sd3", build, options=SD3Options,
+    register("sd3", build, options=SD3Options, plan=plan,
              summary="Stable Diffusion 3/3.5 text-to-image (diffusers), CFG, LoRA or full finetune; preset tiny.")

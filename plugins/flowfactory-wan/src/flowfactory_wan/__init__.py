@@ -16,10 +16,11 @@ from flowfactory.policies.options import DiffusersPolicyOptions, LoraOptions
 from flowfactory.registry import BuildContext
 
 if TYPE_CHECKING:
+    from flowfactory.plan import PolicyPlan
     from flowfactory_wan.policy import WanPolicy
 
 __version__ = "0.1.0"
-__all__ = ["WAN_LORA_TARGETS", "WanLoraOptions", "WanOptions", "build", "register_policies"]
+__all__ = ["WAN_LORA_TARGETS", "WanLoraOptions", "WanOptions", "build", "plan", "register_policies"]
 
 # Wan blocks' self-attention (attn1) and text cross-attention (attn2) projections.
 WAN_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -85,7 +86,15 @@ def build(options: WanOptions, ctx: BuildContext) -> WanPolicy:
     return build_policy(options, ctx)
 
 
+def plan(options: WanOptions, ctx: BuildContext) -> PolicyPlan:
+    """The policy's modules and per-sample shapes on the meta device, for `ff plan` (no weights loaded)."""
+    with quiet_transformers():
+        from flowfactory_wan.plan import plan_policy
+
+    return plan_policy(options, ctx)
+
+
 @hookimpl
 def register_policies(register: Any) -> None:
-    register("wan", build, options=WanOptions,
+    register("wan", build, options=WanOptions, plan=plan,
              summary="Wan 2.1/2.2 text-to-video (diffusers), CFG, two experts, LoRA or full finetune; preset tiny.")

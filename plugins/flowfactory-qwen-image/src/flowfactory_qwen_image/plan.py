@@ -1,0 +1,46 @@
+"""The `qwen-image` policy's memory plan (`ff plan`): modules on the meta device, latents, conditioning shapes."""
+
+from __future__ import annotations
+
+from diffusers import QwenImagePipeline
+
+from flowfactory.plan import PolicyPlan, dtype_name
+from flowfactory.policies.plan import meta_modules, plan_parts
+from flowfactory.registry import BuildContext
+from flowfactory_qwen_image import QwenImageOptions
+from flowfactory_qwen_image.policy import (
+    REAL_MAX_SEQUENCE_LENGTH,
+    REAL_TRUE_CFG_SCALE,
+    TINY_MAX_SEQUENCE_LENGTH,
+    TINY_SIZE,
+    QwenImagePolicy,
+)
+
+
+def plan_policy(options: QwenImageOptions, ctx: BuildContext) -> PolicyPlan:
+    """What `build_policy` would hold, counted on the meta device: packed latents [(h/2)(w/2), 4 z_dim] in the
+    transformer's dtype; per prompt the Qwen2.5-VL hidden states zero-padded to max_sequence_length and their
+    int64 mask, twice with true CFG (the negative prompt's rows)."""
+    from flowfactory_qwen_image.tiny import build_tiny_pipeline
+
+    modules, tiny = meta_modules(options, ctx, QwenImagePipeline, lambda: build_tiny_pipeline(ctx.seed),
+                                 policy="qwen-image")
+    transformer, vae, encoder = modules["transformer"], modules["vae"], modules["text_encoder"]
+    scale = 2 ** len(vae.temperal_downsample)  # QwenImagePipeline.vae_scale_factor
+    if tiny:
+        size, max_len, cfg = TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH, 1.0
+    else:
+        size, max_len, cfg = 128 * scale, REAL_MAX_SEQUENCE_LENGTH, REAL_TRUE_CFG_SCALE  # default_sample_size 128
+    height = options.height or size
+    width = options.width or options.height or size
+    max_len = options.max_sequence_length or max_len
+    cfg = options.true_cfg_scale if options.true_cfg_scale is not None else cfg
+    h, w = height // scale, width // scale
+    latent_shape = ((h // 2) * (w // 2), vae.config.z_dim * 4)
+    hidden = getattr(encoder.config, "text_config", encoder.config).hidden_size
+    rows = {"prompt_embeds": ((max_len, hidden), dtype_name(encoder.dtype)), "prompt_embeds_mask": ((max_len,), "int64")}
+    conditioning = dict(rows)
+    if cfg > 1.0:
+        conditioning |= {f"negative_{k}": v for k, v in rows.items()}
+    parts = plan_parts(modules, options, ctx, QwenImagePolicy)
+    return PolicyPlan(parts, latent_shape, dtype_name(transformer.dtype), (3, height, width), conditioning)
