@@ -9,11 +9,14 @@ velocity, decode). This module imports torch, diffusers and peft at its top: imp
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib
 import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -25,6 +28,63 @@ from flowfactory.registry import BuildContext
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+TEXT_ENCODER = "text_encoder"  # diffusers names a pipeline's text encoders text_encoder, text_encoder_2, ...
+SMALL_FILE = 16 << 20  # files up to this size (configs, tokenizers) are fingerprinted by content, not by stat
+
+
+@dataclass
+class PipelineSource:
+    """Where a loaded pipeline came from: what the conditioning fingerprint names and what builds the text
+    encoders that `load_pipeline` deferred (they load on the first encode, so a run whose every prompt is in
+    the on-disk conditioning cache never loads them)."""
+
+    model: str  # the `model` option: hub id or folder
+    revision: str | None
+    folder: Path  # the local folder holding model_index.json (a hub id's cached snapshot)
+    text_encoder_dtype: torch.dtype
+    policy: str = "diffusers"  # the policy name, for errors
+    deferred: dict[str, tuple[str, str]] = field(default_factory=dict)  # component -> (library, class), unloaded
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The model, its revision, the text encoders' and tokenizers' classes and files: small files (configs,
+        vocabularies) by content hash, weights by size, mtime and the name a symlink points to (the hub's blob
+        names are content hashes), so a re-saved or updated encoder gets a new fingerprint."""
+        index = json.loads((self.folder / "model_index.json").read_text())
+        parts = sorted(n for n in index if n.startswith((TEXT_ENCODER, "tokenizer")))
+        files = []
+        for name in parts:
+            for f in sorted((self.folder / name).rglob("*")) if (self.folder / name).is_dir() else []:
+                if not f.is_file():
+                    continue
+                st = f.stat()
+                files.append([f.relative_to(self.folder).as_posix(), st.st_size,
+                              _file_digest(f) if st.st_size <= SMALL_FILE else
+                              [st.st_mtime_ns, Path(os.path.realpath(f)).name]])
+        return {"model": self.model, "revision": self.revision, "classes": {n: index[n] for n in parts},
+                "files": files}
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _module_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameter and buffer names, dtypes, shapes and bytes (for in-memory models only)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of a tokenizer's full serialisation (vocabulary, merges or scores, normalisers, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps({"class": type(tokenizer).__name__, "max": getattr(tokenizer, "model_max_length", None),
+                        "special": getattr(tokenizer, "special_tokens_map", None)}, sort_keys=True, default=str)
+    return hashlib.sha256((text + extra).encode()).hexdigest()
 
 
 class LoraSettings(Protocol):
@@ -50,6 +110,8 @@ class DiffusersPolicyBase:
 
     name: ClassVar[str] = "diffusers"
     lora_target_hint: ClassVar[str] = ""
+    # attributes whose values change what `encode` returns; they enter `conditioning_fingerprint`
+    encode_options: ClassVar[tuple[str, ...]] = ("max_sequence_length",)
 
     pipe: Any
     vae: nn.Module
@@ -64,11 +126,20 @@ class DiffusersPolicyBase:
     fsdp_block_classes: tuple[type, ...]
 
     def _attach(self, pipe: Any, *, height: int, width: int, max_sequence_length: int,
-                device: torch.device | str | None, scheduler: Any = None) -> None:
+                device: torch.device | str | None, scheduler: Any = None, offload_text_encoders: bool = False,
+                vae_decode_chunk: int | None = None) -> None:
         """What every policy keeps of its pipeline: the pipeline and its VAE, the sample size, the device (CPU
         when None), the transformer's dtype as the compute dtype, and a private scheduler (`scheduler`, else a
-        copy of the pipeline's: `set_timesteps` mutates it) with an empty sigma cache."""
+        copy of the pipeline's: `set_timesteps` mutates it) with an empty sigma cache; the memory options
+        (text encoders on the CPU between encodes, VAE decode in chunks) and the pipeline's `PipelineSource`
+        (set by `load_pipeline`; None for an in-memory pipeline)."""
+        if vae_decode_chunk is not None and vae_decode_chunk < 1:
+            raise FlowFactoryError(f"{self.name} policy option vae_decode_chunk={vae_decode_chunk}: must be >= 1, "
+                                   f"or null to decode the whole batch at once")
         self.pipe = pipe
+        self.offload_text_encoders = offload_text_encoders
+        self.vae_decode_chunk = vae_decode_chunk
+        self.source: PipelineSource | None = getattr(pipe, "_flowfactory_source", None)
         self.vae = pipe.vae
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.height, self.width = height, width
@@ -114,11 +185,101 @@ class DiffusersPolicyBase:
         return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
     def to(self, device: torch.device | str) -> Any:
-        """Move every part (and the reference copy) to `device`."""
+        """Move every part (and the reference copy) to `device`; with `offload_text_encoders` the text encoders
+        stay on the CPU (they visit the device inside `text_encoders()`)."""
         self.device = torch.device(device)
-        self.pipe.to(self.device)
+        for name, part in self.pipe.components.items():
+            if isinstance(part, nn.Module):
+                part.to(self._text_encoder_home() if name.startswith(TEXT_ENCODER) else self.device)
         self._move_reference(self.device)
         return self
+
+    # -- text encoders: deferred loading, CPU offload, the conditioning fingerprint -----------------------------
+
+    def _text_encoder_home(self) -> torch.device:
+        """Where the text encoders live between encodes: the CPU with `offload_text_encoders`, else the device."""
+        return torch.device("cpu") if self.offload_text_encoders else self.device
+
+    def text_encoder_modules(self) -> dict[str, nn.Module]:
+        """The pipeline's loaded text encoders by component name (deferred ones are absent until the first encode)."""
+        return {n: m for n, m in self.pipe.components.items() if n.startswith(TEXT_ENCODER) and isinstance(m, nn.Module)}
+
+    @contextmanager
+    def text_encoders(self) -> Iterator[None]:
+        """Wrap every encode in this: the deferred text encoders load first (once), and with
+        `offload_text_encoders` the encoders move to the device for the block and back to the CPU after it
+        (emptying the CUDA cache), so between encodes they hold no device memory."""
+        self._load_deferred_text_encoders()
+        if not self.offload_text_encoders:
+            yield
+            return
+        self._move_text_encoders(self.device)
+        try:
+            yield
+        finally:
+            self._move_text_encoders(torch.device("cpu"))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _move_text_encoders(self, device: torch.device) -> None:
+        for module in self.text_encoder_modules().values():
+            module.to(device)
+
+    def _load_deferred_text_encoders(self) -> None:
+        """Build the text encoders `load_pipeline` left out, frozen, in their dtype, at their home device."""
+        src = self.source
+        if src is None or not src.deferred:
+            return
+        for name, (library, class_name) in list(src.deferred.items()):
+            try:
+                cls = getattr(importlib.import_module(library), class_name)
+                module = cls.from_pretrained(str(src.folder), subfolder=name, dtype=src.text_encoder_dtype)
+            except (OSError, ImportError, AttributeError, ValueError) as exc:
+                raise FlowFactoryError(
+                    f"{self.name} policy option model={src.model!r}: its text encoder {name} ({library}."
+                    f"{class_name}) could not be loaded from {src.folder}: {exc}") from exc
+            module.requires_grad_(False).eval().to(self._text_encoder_home())
+            self.pipe.register_modules(**{name: module})
+            del src.deferred[name]
+
+    def _text_encoder_dtype(self) -> torch.dtype | None:
+        if self.source is not None:
+            return self.source.text_encoder_dtype
+        return next((m.dtype for m in self.text_encoder_modules().values()), None)
+
+    def conditioning_fingerprint(self) -> str | None:
+        """sha256 of everything that decides `encode`'s output: the policy class and the versions of its code,
+        the text encoders and tokenizers (their files for a `model`, their weights and vocabularies for an
+        in-memory pipeline such as the tiny preset), their dtype, the device type and every attribute named in
+        `encode_options` (sequence length, negative prompt, CFG). A changed option gives new cache keys, so an
+        on-disk conditioning cache is never read for the wrong model or settings. Deferred encoders stay
+        unloaded."""
+        import diffusers
+        import transformers
+
+        top = type(self).__module__.split(".")[0]
+        ident: dict[str, Any] = {
+            "policy": f"{type(self).__module__}.{type(self).__qualname__}",
+            "versions": [getattr(importlib.import_module(top), "__version__", None), torch.__version__,
+                         diffusers.__version__, transformers.__version__],
+            "dtype": str(self._text_encoder_dtype()), "device": self.device.type,
+            "options": {n: getattr(self, n) for n in self.encode_options},
+        }
+        if self.source is not None:
+            ident["source"] = self.source.fingerprint()
+        else:  # built in memory (the tiny preset): the modules themselves
+            ident["modules"] = {n: [type(m).__name__, _module_digest(m)] for n, m in self.text_encoder_modules().items()}
+            ident["tokenizers"] = {n: _tokenizer_digest(t) for n, t in self.pipe.components.items()
+                                   if n.startswith("tokenizer") and t is not None}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _vae_decode(self, latents: torch.Tensor, post: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`post(vae.decode(latents))`, `vae_decode_chunk` samples at a time (all at once when None): the
+        decoder's activations for one chunk at a time, each chunk post-processed before the next."""
+        n = self.vae_decode_chunk or max(1, latents.shape[0])
+        parts = [post(self.vae.decode(latents[i:i + n], return_dict=False)[0])
+                 for i in range(0, latents.shape[0], n)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _setup_training(self, transformer: nn.Module, frozen: Sequence[nn.Module], *, lora: LoraSettings | None,
                         seed: int, gradient_checkpointing: bool, reference: bool = True) -> None:
@@ -128,7 +289,8 @@ class DiffusersPolicyBase:
         self.lora = lora
         self.keeps_reference = reference or lora is not None  # LoRA's reference (adapters off) costs nothing
         for part in frozen:
-            part.requires_grad_(False).eval()
+            if part is not None:  # None: a text encoder deferred until the first encode (frozen when it loads)
+                part.requires_grad_(False).eval()
         self.fsdp_block_classes = block_classes(transformer)
         self._frozen_copy: nn.Module | None = None
         if lora is not None:
@@ -333,20 +495,24 @@ def load_or_build(options: Any, ctx: BuildContext, pipeline_cls: type, tiny: Cal
     assert options.model is not None  # the options validator guarantees one of model/preset
     dtypes = {**dict.fromkeys(TRANSFORMERS, transformer_dtype), "default": dtype}
     return load_pipeline(pipeline_cls, options.model, options.revision, dtypes, policy=policy, example=example,
-                         gated=gated), False
+                         gated=gated, defer_text_encoders=True), False
 
 
 def training_kwargs(options: Any, ctx: BuildContext) -> dict[str, Any]:
     """The constructor arguments every diffusers policy takes from its options and the build context."""
     return dict(lora=options.lora, gradient_checkpointing=options.gradient_checkpointing, reference=ctx.reference,
-                device=ctx.device, seed=ctx.seed)
+                device=ctx.device, seed=ctx.seed, offload_text_encoders=options.offload_text_encoders,
+                vae_decode_chunk=options.vae_decode_chunk)
 
 
 def load_pipeline(pipeline_cls: type, model: str, revision: str | None, dtype: dict[str, torch.dtype], *,
-                  policy: str, example: str, gated: str = "") -> Any:
+                  policy: str, example: str, gated: str = "", defer_text_encoders: bool = False) -> Any:
     """`pipeline_cls.from_pretrained` with errors that name the policy's `model` option and the fix.
 
-    `example` is a hub id to suggest; `gated` an extra hint for access errors (e.g. "FLUX.1-dev is gated")."""
+    `example` is a hub id to suggest; `gated` an extra hint for access errors (e.g. "FLUX.1-dev is gated").
+    A hub id is first fetched (or found in the cache) as a snapshot folder, which is then loaded. The pipeline
+    carries a `PipelineSource` (`_flowfactory_source`); with `defer_text_encoders` its text encoders are left
+    out (`text_encoder=None`, ...) and recorded there, for the policy to load on its first encode."""
     cls_name = pipeline_cls.__name__
     path = Path(os.path.expanduser(model))
     is_local = path.exists() or not HUB_ID.match(model)
@@ -360,8 +526,17 @@ def load_pipeline(pipeline_cls: type, model: str, revision: str | None, dtype: d
                 f"{policy} policy option model={model!r}: the folder has no model_index.json, so it is not a "
                 f"diffusers pipeline; point it at the folder {cls_name}.save_pretrained wrote.")
     try:
-        return pipeline_cls.from_pretrained(str(path) if is_local else model, revision=revision,
-                                            **{dtype_keyword(): dtype})
+        folder = path if is_local else Path(pipeline_cls.download(model, revision=revision))
+        index = json.loads((folder / "model_index.json").read_text())
+        deferred = {name: (str(spec[0]), str(spec[1])) for name, spec in index.items()
+                    if defer_text_encoders and name.startswith(TEXT_ENCODER) and isinstance(spec, list)
+                    and len(spec) == 2 and spec[0] is not None and spec[1] is not None}
+        pipe = pipeline_cls.from_pretrained(str(folder), **dict.fromkeys(deferred), **{dtype_keyword(): dtype})
+        if not is_local:
+            pipe.register_to_config(_name_or_path=model)  # the hub id, not the cache folder, names the base
+        pipe._flowfactory_source = PipelineSource(model, revision, folder.resolve(), dtype["default"], policy,
+                                                  deferred)
+        return pipe
     except OSError as exc:
         raise FlowFactoryError(
             f"{policy} policy option model={model!r}{f' (revision {revision!r})' if revision else ''} could not be "

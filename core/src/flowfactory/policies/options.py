@@ -57,6 +57,14 @@ class DiffusersPolicyOptions(BaseModel):
         None, description="Train a LoRA adapter with these settings; null: full finetune of the transformer.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute transformer block activations in backward: less memory, more compute.")
+    offload_text_encoders: bool = Field(
+        False, description="Keep the text encoders in CPU memory and move them to the device only while they "
+                           "encode (then back, freeing the device's cache): T5-XXL, UMT5-XXL or Qwen2.5-VL no "
+                           "longer hold 10-16 GB of the device between encodes. Same conditioning, slower encodes.")
+    vae_decode_chunk: int | None = Field(
+        None, ge=1, description="Decode latents with the VAE this many samples at a time (the same images, a "
+                                "smaller activation peak: video VAEs need it at full size). null: the whole batch "
+                                "at once.")
 
     @model_validator(mode="after")
     def _source(self) -> DiffusersPolicyOptions:

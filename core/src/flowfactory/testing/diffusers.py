@@ -126,6 +126,8 @@ class DiffusersPolicyContract(_ComponentContract):
       readme             the plugin's README.md: its yaml configs validate, its option table is complete
       entry_module       the entry-point module (default: the package name with "_" for "-")
       prompts, seed      the batch's prompts and the build seed; parity_atol the tolerance of "equal" outputs
+      encode_option_changes  options that change what `encode` returns, so each must change the conditioning
+                         fingerprint (default: a shorter max_sequence_length, bfloat16; `cfg_options` are added)
     Hooks to override: `stock_pipeline(folder, policy)` (load the stock pipeline as the policy's equal),
     `as_module(policy, transformer)` (what `policy.module` is to run a bare transformer),
     `frozen_parts(policy)` (the modules that must never train: text encoders and VAE).
@@ -149,6 +151,7 @@ class DiffusersPolicyContract(_ComponentContract):
     entry_module: ClassVar[str | None] = None
     prompts: ClassVar[tuple[str, ...]] = ("a red square", "a blue circle")
     parity_atol: ClassVar[float] = 1e-4  # |ours - stock pipeline's|, and the least change counted as "different"
+    encode_option_changes: ClassVar[Sequence[Mapping[str, Any]]] = ({"max_sequence_length": 12}, {"dtype": "bfloat16"})
 
     # --- building ---------------------------------------------------------------------------------------
 
@@ -547,3 +550,94 @@ class DiffusersPolicyContract(_ComponentContract):
         policy = self.make(registry)
         names = [c.__name__ for c in policy.fsdp_block_classes]
         assert names and names == list(policy.transformer._no_split_modules)
+
+    # --- memory: deferred and offloaded text encoders, the conditioning fingerprint, chunked VAE decode ------
+
+    def test_offloaded_text_encoders_encode_the_same_and_go_back_to_cpu(self, registry: Registry,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        plain, offloaded = self.make(registry), self.make(registry, offload_text_encoders=True)
+        moves: list[str] = []
+        move = offloaded._move_text_encoders
+
+        def spy(device: torch.device) -> None:
+            moves.append(torch.device(device).type)
+            move(device)
+
+        monkeypatch.setattr(offloaded, "_move_text_encoders", spy)
+        ours, theirs = offloaded.encode(list(self.prompts)), plain.encode(list(self.prompts))
+        assert moves == [offloaded.device.type, "cpu"]  # to the device for the encode, back after it
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        encoders = offloaded.text_encoder_modules()
+        assert encoders and all(p.device.type == "cpu" for m in encoders.values() for p in m.parameters())
+        offloaded.to(offloaded.device)  # moving the policy leaves them on the CPU
+        assert all(p.device.type == "cpu" for m in encoders.values() for p in m.parameters())
+
+    def test_vae_decode_in_chunks_gives_the_same_samples(self, registry: Registry,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        whole = self.make(registry)
+        x = torch.cat([self._noise(whole), self._noise(whole, offset=len(self.prompts))])[:3]
+        expected = whole.decode(x)
+        for chunk, sizes in ((1, [1, 1, 1]), (2, [2, 1]), (5, [3])):
+            policy = self.make(registry, vae_decode_chunk=chunk)
+            seen: list[int] = []
+            decode = policy.vae.decode
+
+            def spy(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                seen.append(z.shape[0])  # noqa: B023 (called inside this iteration only)
+                return decode(z, *args, **kwargs)  # noqa: B023
+
+            monkeypatch.setattr(policy.vae, "decode", spy)
+            out = policy.decode(x)
+            assert seen == sizes and out.shape == expected.shape and out.dtype == expected.dtype
+            torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+    def test_conditioning_fingerprint_changes_with_what_encode_depends_on(self, registry: Registry) -> None:
+        base = self.make(registry).conditioning_fingerprint()
+        assert isinstance(base, str) and base == self.make(registry).conditioning_fingerprint()
+        assert self.make(registry, seed=self.seed + 1).conditioning_fingerprint() != base  # other encoder weights
+        assert self.make(registry, offload_text_encoders=True, vae_decode_chunk=1).conditioning_fingerprint() == base
+        changes = [*self.encode_option_changes, *([self.cfg_options] if self.cfg_options else [])]
+        for change in changes:
+            assert self.make(registry, **change).conditioning_fingerprint() != base, change
+
+    def test_model_text_encoders_load_on_first_encode(self, registry: Registry, stock_dir: Path,
+                                                      tmp_path: Path) -> None:
+        """With `model:` the text encoders are left out of the pipeline until the first encode; the fingerprint
+        reads their files, not their weights, and changes when a file does."""
+        policy = self.make(registry, model=str(stock_dir), dtype="float32", **self.model_options)
+        assert policy.text_encoder_modules() == {}
+        fingerprint = policy.conditioning_fingerprint()
+        assert policy.text_encoder_modules() == {}
+        cond = policy.encode(list(self.prompts))
+        encoders = policy.text_encoder_modules()
+        assert encoders and all(not m.training and not any(p.requires_grad for p in m.parameters())
+                                for m in encoders.values())
+        expected = self.make(registry).encode(list(self.prompts))  # the same weights, built in memory
+        assert cond.keys() == expected.keys() and all(torch.equal(cond[k], expected[k]) for k in cond)
+        assert policy.conditioning_fingerprint() == fingerprint  # loading them changes nothing
+        import shutil
+
+        copy_dir = tmp_path / "copy"
+        shutil.copytree(stock_dir, copy_dir)
+        moved = self.make(registry, model=str(copy_dir), dtype="float32", **self.model_options)
+        before = moved.conditioning_fingerprint()
+        config = next(copy_dir.glob("text_encoder*/config.json"))
+        config.write_text(config.read_text() + "\n")
+        assert moved.conditioning_fingerprint() != before
+
+    def test_cached_conditioning_never_loads_the_text_encoders(self, registry: Registry, stock_dir: Path,
+                                                               tmp_path: Path) -> None:
+        """A second policy over the same on-disk conditioning cache reads every prompt from it: no encode, no
+        text encoder loaded, identical conditioning."""
+        from flowfactory.train.conditioning import ConditioningCache
+
+        options = dict(model=str(stock_dir), dtype="float32", **self.model_options)
+        first = ConditioningCache(self.make(registry, **options), directory=tmp_path)
+        expected = first(list(self.prompts))
+        assert first.encode_calls == 1
+        policy = self.make(registry, **options)
+        cache = ConditioningCache(policy, directory=tmp_path)
+        out = cache(list(self.prompts))
+        assert cache.encode_calls == 0 and cache.disk_hits == len(set(self.prompts))
+        assert policy.text_encoder_modules() == {}
+        assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)

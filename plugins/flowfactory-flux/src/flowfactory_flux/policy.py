@@ -51,8 +51,11 @@ class FluxPolicy(DiffusersPolicyBase):
         reference: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
+        offload_text_encoders: bool = False,
+        vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device)
+        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
+                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self._ids: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.guidance_scale = guidance_scale
         self.guidance_embeds = bool(pipe.transformer.config.guidance_embeds)
@@ -80,8 +83,9 @@ class FluxPolicy(DiffusersPolicyBase):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """T5 sequence embeddings [B, T, D] and CLIP pooled embeddings [B, P], as FluxPipeline.encode_prompt."""
-        prompt_embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
+        with self.text_encoders():
+            prompt_embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
     def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
@@ -119,8 +123,8 @@ class FluxPolicy(DiffusersPolicyBase):
         """Packed latents to images [B, 3, H, W] in [0, 1], float32 (unpack, unscale, VAE decode)."""
         latents = FluxPipeline._unpack_latents(x, self.height, self.width, self.vae_scale_factor)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return self._vae_decode(latents.to(device=self.device, dtype=self.vae.dtype),
+                                lambda image: (image.float() / 2 + 0.5).clamp(0, 1))
 
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""

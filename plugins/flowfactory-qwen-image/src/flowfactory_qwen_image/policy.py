@@ -42,6 +42,7 @@ class QwenImagePolicy(DiffusersPolicyBase):
     lora_target_hint = ("Qwen-Image attention projections are to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, "
                         "add_v_proj, to_add_out; feed-forward: img_mlp.net.0.proj, img_mlp.net.2, "
                         "txt_mlp.net.0.proj, txt_mlp.net.2; modulation: img_mod.1, txt_mod.1")
+    encode_options = ("max_sequence_length", "negative_prompt", "do_cfg")
 
     def __init__(
         self,
@@ -57,8 +58,11 @@ class QwenImagePolicy(DiffusersPolicyBase):
         reference: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
+        offload_text_encoders: bool = False,
+        vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device)
+        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
+                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.true_cfg_scale = true_cfg_scale
         self.negative_prompt = negative_prompt
         self.vae_scale_factor: int = pipe.vae_scale_factor
@@ -104,11 +108,12 @@ class QwenImagePolicy(DiffusersPolicyBase):
     def encode(self, prompts: list[str]) -> Conditioning:
         """Qwen2.5-VL last hidden states of the templated prompt, system prefix dropped, [B, L, D] with its
         mask [B, L]; with true CFG also the negative prompt's, one row per prompt."""
-        embeds, mask = self._encode(prompts)
-        cond = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-        if self.do_cfg:
-            neg, neg_mask = self._encode([self.negative_prompt] * len(prompts))
-            cond |= {"negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
+        with self.text_encoders():
+            embeds, mask = self._encode(prompts)
+            cond = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+            if self.do_cfg:
+                neg, neg_mask = self._encode([self.negative_prompt] * len(prompts))
+                cond |= {"negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
         return cond
 
     def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
@@ -171,8 +176,7 @@ class QwenImagePolicy(DiffusersPolicyBase):
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-        image = vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return self._vae_decode(latents / inv_std + mean, lambda video: (video[:, :, 0].float() / 2 + 0.5).clamp(0, 1))
 
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""

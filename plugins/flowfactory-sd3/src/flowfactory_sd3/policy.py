@@ -33,6 +33,7 @@ class SD3Policy(DiffusersPolicyBase):
     lora_target_hint = ("SD3 attention projections are to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, "
                         "add_v_proj, to_add_out (SD3.5 dual-attention blocks also attn2.to_q ...; feed-forward: "
                         "ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2)")
+    encode_options = ("max_sequence_length", "negative_prompt", "do_cfg")
 
     def __init__(
         self,
@@ -48,8 +49,11 @@ class SD3Policy(DiffusersPolicyBase):
         reference: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
+        offload_text_encoders: bool = False,
+        vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device)
+        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
+                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
         config = pipe.transformer.config
@@ -88,10 +92,11 @@ class SD3Policy(DiffusersPolicyBase):
     def encode(self, prompts: list[str]) -> Conditioning:
         """`StableDiffusion3Pipeline.encode_prompt`: CLIP-L/G hidden states (padded) + T5 sequence [B, T, D] and
         both CLIP projections [B, P]; with CFG also the negative prompt's, one row per prompt."""
-        embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=self.do_cfg, negative_prompt=self.negative_prompt,
-            max_sequence_length=self.max_sequence_length)
+        with self.text_encoders():
+            embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=self.do_cfg, negative_prompt=self.negative_prompt,
+                max_sequence_length=self.max_sequence_length)
         cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if self.do_cfg:
             cond |= {"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
@@ -144,8 +149,8 @@ class SD3Policy(DiffusersPolicyBase):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents to images [B, 3, H, W] in [0, 1], float32 (unscale, unshift, VAE decode)."""
         latents = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return self._vae_decode(latents.to(device=self.device, dtype=self.vae.dtype),
+                                lambda image: (image.float() / 2 + 0.5).clamp(0, 1))
 
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""

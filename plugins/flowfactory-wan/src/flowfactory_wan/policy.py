@@ -64,6 +64,7 @@ class WanPolicy(DiffusersPolicyBase):
     name = "wan"
     lora_target_hint = ("Wan attention projections are to_q, to_k, to_v, to_out.0 (attn1: self, attn2: cross); "
                         "feed-forward: ffn.net.0.proj, ffn.net.2")
+    encode_options = ("max_sequence_length", "negative_prompt", "do_cfg")
 
     def __init__(
         self,
@@ -83,6 +84,8 @@ class WanPolicy(DiffusersPolicyBase):
         reference: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
+        offload_text_encoders: bool = False,
+        vae_decode_chunk: int | None = None,
     ):
         if pipe.transformer is None:
             raise FlowFactoryError("wan policy: the pipeline has no `transformer`; Wan 2.2 single-stage variants "
@@ -94,7 +97,8 @@ class WanPolicy(DiffusersPolicyBase):
             key = "flow_shift" if "flow_shift" in scheduler_config else "shift"
             scheduler_config[key] = shift
         self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
-                     scheduler=type(pipe.scheduler).from_config(scheduler_config))
+                     scheduler=type(pipe.scheduler).from_config(scheduler_config),
+                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.num_frames = num_frames
         self.guidance_scale = guidance_scale
         self.guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
@@ -186,9 +190,10 @@ class WanPolicy(DiffusersPolicyBase):
     def encode(self, prompts: list[str]) -> Conditioning:
         """`WanPipeline.encode_prompt`: UMT5 states [B, L, D], zero past each prompt's tokens; with CFG also the
         negative prompt's, one row per prompt."""
-        embeds, neg = self.pipe.encode_prompt(
-            prompt=list(prompts), negative_prompt=self.negative_prompt, do_classifier_free_guidance=self.do_cfg,
-            max_sequence_length=self.max_sequence_length, device=self.device)
+        with self.text_encoders():
+            embeds, neg = self.pipe.encode_prompt(
+                prompt=list(prompts), negative_prompt=self.negative_prompt, do_classifier_free_guidance=self.do_cfg,
+                max_sequence_length=self.max_sequence_length, device=self.device)
         cond = {"prompt_embeds": embeds}
         if self.do_cfg:
             cond["negative_prompt_embeds"] = neg
@@ -252,8 +257,9 @@ class WanPolicy(DiffusersPolicyBase):
         mean = torch.tensor(cfg.latents_mean).view(view).to(self.device, self.vae.dtype)
         std = torch.tensor(cfg.latents_std).view(view).to(self.device, self.vae.dtype)
         latents = x.to(device=self.device, dtype=self.vae.dtype) * std + mean
-        video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, T, H, W] in [-1, 1]
-        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+        # the VAE gives [B, 3, T, H, W] in [-1, 1]
+        return self._vae_decode(latents, lambda video: (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+                                .contiguous())
 
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA files (`pipe.load_lora_weights(dir)`, the second expert's from dir/transformer_2
