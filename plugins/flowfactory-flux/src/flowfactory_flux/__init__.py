@@ -53,7 +53,7 @@ def build(options: FluxOptions, ctx: BuildContext) -> FluxPolicy:
 def plan(options: FluxOptions, ctx: BuildContext) -> PolicyPlan:
     """The policy's modules and per-sample shapes on the meta device, for `ff plan` (no weights loaded)."""
     with quiet_transformers():
-        from flowfactory_flux.plan import plan_policy
+        from flowfactory_flux.memory import plan_policy
 
     return plan_policy(options, ctx)
 

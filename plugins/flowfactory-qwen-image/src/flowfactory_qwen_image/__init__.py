@@ -63,7 +63,7 @@ def build(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolicy:
 def plan(options: QwenImageOptions, ctx: BuildContext) -> PolicyPlan:
     """The policy's modules and per-sample shapes on the meta device, for `ff plan` (no weights loaded)."""
     with quiet_transformers():
-        from flowfactory_qwen_image.plan import plan_policy
+        from flowfactory_qwen_image.memory import plan_policy
 
     return plan_policy(options, ctx)
 

@@ -57,7 +57,7 @@ def build(options: SD3Options, ctx: BuildContext) -> SD3Policy:
 def plan(options: SD3Options, ctx: BuildContext) -> PolicyPlan:
     """The policy's modules and per-sample shapes on the meta device, for `ff plan` (no weights loaded)."""
     with quiet_transformers():
-        from flowfactory_sd3.plan import plan_policy
+        from flowfactory_sd3.memory import plan_policy
 
     return plan_policy(options, ctx)
 

@@ -89,7 +89,7 @@ def build(options: WanOptions, ctx: BuildContext) -> WanPolicy:
 def plan(options: WanOptions, ctx: BuildContext) -> PolicyPlan:
     """The policy's modules and per-sample shapes on the meta device, for `ff plan` (no weights loaded)."""
     with quiet_transformers():
-        from flowfactory_wan.plan import plan_policy
+        from flowfactory_wan.memory import plan_policy
 
     return plan_policy(options, ctx)
 
