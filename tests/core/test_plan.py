@@ -98,9 +98,10 @@ def test_fsdp_shards_the_trained_model_and_ddp_adds_buckets(registry: Registry) 
     assert ddp.row("ddp gradient buckets").bytes == trainable
     with pytest.raises(KeyError):
         fsdp.row("ddp gradient buckets")
-    # the rollouts split over processes either way; the frozen copy is not sharded
+    # the rollouts split over processes either way; the frozen copy is sharded like the trained module
     assert ddp.row("rollout buffer").bytes == fsdp.row("rollout buffer").bytes
-    assert fsdp.row("reference copy").bytes == one.row("reference copy").bytes
+    assert fsdp.row("reference copy").bytes == math.ceil(one.row("reference copy").bytes / 4)
+    assert ddp.row("reference copy").bytes == one.row("reference copy").bytes
 
 
 def test_ema_offload_and_gathered_weights(registry: Registry) -> None:

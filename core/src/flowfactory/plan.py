@@ -234,8 +234,13 @@ def plan_memory(cfg: Any, options: Mapping[str, Any], registry: Any, processes: 
                        ("frozen", "other frozen modules")):
         for host in (False, True):
             parts = [p for p in plan.parts if p.role == role and p.host == host]
-            if parts:
-                rows.append(Row(item, sum(p.frozen_bytes + p.trainable_bytes for p in parts), _labels(parts), host))
+            if not parts:
+                continue
+            size = sum(p.frozen_bytes + p.trainable_bytes for p in parts)
+            if role == "reference":  # train/parallel.py shards the frozen copy like the trained module
+                rows.append(Row(item, sharded(size), _labels(parts) + share, host or offload))
+            else:
+                rows.append(Row(item, size, _labels(parts), host))
     if par.strategy == "fsdp" and not par.reshard_after_forward and fsdp:
         gathered = sum(p.parameters for p in trained)
         size = DTYPE_BYTES[par.param_dtype] if par.param_dtype else None
