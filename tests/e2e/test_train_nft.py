@@ -50,7 +50,7 @@ def test_nft_resume_equals_uninterrupted(toy_registry, toy_config, tmp_path):
                              "sample_every": 0, "checkpoint_every": 3})
     train(path, tmp_path / "full")
     train(path, tmp_path / "split", ["train.epochs=6"])
-    state, _ = ckpt.load(ckpt.latest(tmp_path / "split" / "checkpoints"))
+    state, _ = ckpt.load(ckpt.latest(tmp_path / "split" / "checkpoints"), {})
     algo = state["algorithm"]
     assert algo["steps"] == 12 and algo["ema"] is not None
     summary = train(path, tmp_path / "split", resume=True)

@@ -15,6 +15,7 @@ import torch
 
 from flowfactory.config import load
 from flowfactory.errors import FlowFactoryError, RewardError
+from flowfactory.train import checkpoint as ckpt
 from flowfactory.train import run
 
 HERE = Path(__file__).parent
@@ -125,9 +126,10 @@ def test_failing_reward_stops_before_any_update_and_keeps_the_last_epoch(toy_reg
     # the saved weights are exactly those of a clean 2-epoch run
     failing.calls, failing.fail_at = 0, 100
     train(path, tmp_path / "two", ["train.epochs=2"])
-    state = torch.load(tmp_path / "r" / "checkpoints" / "000002" / "state.pt", weights_only=False)
+    state, meta = ckpt.load(tmp_path / "r" / "checkpoints" / "000002", {})
     two = weights(tmp_path / "two")
-    assert all(torch.equal(p, v) for p, v in zip(state["params"], two.values()))
+    assert meta["epoch"] == 2 and state["model"].keys() == two.keys()
+    assert all(torch.equal(state["model"][k], two[k]) for k in two)
 
 
 def test_resume_after_kill_9_equals_uninterrupted(toy_registry, toy_config, tmp_path):
@@ -189,13 +191,15 @@ def test_ema_weights_follow_the_trained_weights_step_by_step(toy_registry, toy_c
     path = toy_config(train={"epochs": 4, "eval_every": 0, "sample_every": 0, "checkpoint_every": 1,
                              "keep_checkpoints": 10, "ema": {"enabled": True, "decay": d}})
     train(path, tmp_path / "r")
-    ema = [p.detach().float().clone() for p in ToyPolicy(seed=0, size=8).trainable_parameters()]
+    ema = {n: p.detach().float().clone() for n, p in ToyPolicy(seed=0, size=8).net.named_parameters()}
     for epoch in range(1, 5):
-        state = torch.load(tmp_path / "r" / "checkpoints" / f"{epoch:06d}" / "state.pt", weights_only=False)
-        ema = [d * e + (1 - d) * w for e, w in zip(ema, state["params"])]
+        state, _ = ckpt.load(tmp_path / "r" / "checkpoints" / f"{epoch:06d}", {})
+        ema = {n: d * e + (1 - d) * state["model"][n] for n, e in ema.items()}
+        torch.testing.assert_close(state["ema"]["shadow"], ema, atol=1e-6, rtol=1e-6)  # checkpointed by name
     saved = torch.load(tmp_path / "r" / "final" / "ema" / "toy.pt")
-    for expected, got in zip(ema, saved.values()):
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert saved.keys() == ema.keys()
+    for n, expected in ema.items():
+        torch.testing.assert_close(saved[n], expected, atol=1e-6, rtol=1e-6)
     trained = weights(tmp_path / "r")
     assert any(not torch.equal(trained[k], saved[k]) for k in trained)
 
@@ -276,7 +280,7 @@ def test_loop_calls_the_optional_algorithm_hooks_and_checkpoints_their_state(toy
     assert algos[-1].calls == ["setup"] + epoch * 2  # (validation builds one too, to check the sampler)
     # every rollout reaches the algorithm once per epoch, keyed (epoch, inner epoch, global sample index)
     assert sorted(algos[-1].keys) == [(e, 0, i) for e in (1, 2) for i in range(16)]
-    state = torch.load(tmp_path / "r" / "checkpoints" / "000002" / "state.pt", weights_only=False)
+    state, _ = ckpt.load(tmp_path / "r" / "checkpoints" / "000002", {})
     assert state["algorithm"] == {"steps": 4}
     train(path, tmp_path / "r", ["train.epochs=3"], resume=True)
     assert algos[-1].calls == ["setup", "load:4"] + epoch and algos[-1].steps == 6

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from flowfactory.errors import FlowFactoryError
 from flowfactory.plugins import load
 from flowfactory.registry import BuildContext
 from flowfactory.testing.toy import ToyPolicy
@@ -193,13 +194,13 @@ def test_old_policy_follows_the_schedule():
             for p, q in zip(params, new):
                 p.copy_(q)
         nft.on_step(policy)
-    assert torch.equal(nft._ema.shadow[0], start[0])  # `epoch`: not moved by the steps
+    assert torch.equal(nft._ema.shadow["inp.weight"], start[0])  # `epoch`: not moved by the steps
     with nft.sampling(policy):  # sampling does not move it either
         pass
-    assert torch.equal(nft._ema.shadow[0], start[0])
+    assert torch.equal(nft._ema.shadow["inp.weight"], start[0])
     nft.on_epoch_end(policy)  # moves once, with decay min(3 * 0.1, 0.5) = 0.3
     assert nft.last_decay == pytest.approx(0.3)
-    for s, a, b in zip(nft._ema.shadow, start, steps[-1]):
+    for s, a, b in zip(nft._ema.shadow.values(), start, steps[-1]):
         torch.testing.assert_close(s, 0.3 * a + 0.7 * b)
 
     per_step = build(old_decay_rate=0.1, old_update="step")
@@ -214,7 +215,7 @@ def test_old_policy_follows_the_schedule():
         d = min((i + 1) * 0.1, 0.5)
         shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, p2.trainable_parameters())]
     per_step.on_epoch_end(p2)  # `step`: the epoch's end moves it no further
-    for s, e in zip(per_step._ema.shadow, shadow):
+    for s, e in zip(per_step._ema.shadow.values(), shadow):
         torch.testing.assert_close(s, e)
 
 
@@ -255,17 +256,15 @@ def test_state_dict_round_trip():
     a.on_step(policy)
     state = a.state_dict()
     next_units = a.units(batch)
-    for b_setup_first in (True, False):
-        b = build(seed=3, old_decay_rate=0.2)
-        fresh = ToyPolicy(size=4, hidden=8)
-        if b_setup_first:
-            b.setup(fresh, None)
-            b.load_state_dict(state)
-        else:
-            b.load_state_dict(state)  # before the EMA exists: kept until setup creates it
-            b.setup(fresh, None)
-        sb = b.state_dict()
-        assert {k: sb[k] for k in ("steps", "last_decay")} == {
-            "steps": 4, "last_decay": pytest.approx(0.5)}  # min(3 * 0.2, 0.5)
-        assert all(torch.equal(x, y) for x, y in zip(sb["ema"]["shadow"], state["ema"]["shadow"]))
-        assert all(torch.equal(x.times, y.times) for x, y in zip(next_units, b.units(batch)))
+    late = build(seed=3, old_decay_rate=0.2)
+    with pytest.raises(FlowFactoryError, match="needs setup.*first"):  # the loop calls setup, then load_state_dict
+        late.load_state_dict(state)
+    b = build(seed=3, old_decay_rate=0.2)
+    b.setup(ToyPolicy(size=4, hidden=8), None)
+    b.load_state_dict(state)
+    sb = b.state_dict()
+    assert {k: sb[k] for k in ("steps", "last_decay")} == {
+        "steps": 4, "last_decay": pytest.approx(0.5)}  # min(3 * 0.2, 0.5)
+    assert sb["ema"]["shadow"].keys() == state["ema"]["shadow"].keys()  # keyed by parameter name
+    assert all(torch.equal(sb["ema"]["shadow"][k], v) for k, v in state["ema"]["shadow"].items())
+    assert all(torch.equal(x.times, y.times) for x, y in zip(next_units, b.units(batch)))

@@ -1,20 +1,26 @@
-"""THE training loop. It reads top to bottom, one epoch at a time:
+"""THE training recipe: one class whose methods read in the order a run happens.
 
-prompts (K copies each = a group) -> cached conditioning -> rollout (no grad) -> decode -> rewards ->
-advantages -> inner epochs x optimizer steps x micro-batches x the algorithm's units: loss, backward ->
-clip, step -> EMA -> the algorithm's epoch end -> metrics, sample grid -> eval on held-out prompts ->
-checkpoint.
+    setup()          launch, output folder, prompts, components, parallelism (DDP or FSDP2), optimizer, resume
+    train()          for each epoch: train_epoch(epoch), then checkpoint; on any failure, save what is consistent
+      train_epoch    prompts -> rollout (no grad) -> score -> advantages -> update -> metrics, samples, evaluate
+      update         inner epochs x optimizer steps x micro-batches x the algorithm's units: loss, backward;
+                     clip, step, EMA; the algorithm's epoch end
+    finish()         final/ (the gathered weights in diffusers/peft format) and the summary
 
-Every random draw is seeded from (seed, epoch, global sample index), never from a running RNG, so a run
-is reproducible, a resumed run equals an uninterrupted one, and a sample draws the same noise whichever
-process rolls it out. Algorithms get the same keys (`TrainBatch.sample_keys`) for their own draws. The
-core never looks inside a policy, sampler, reward or algorithm.
+Every random draw is seeded from (seed, epoch, global sample index), never from a running RNG, so a run is
+reproducible, a resumed run equals an uninterrupted one, and a sample draws the same noise whichever process
+rolls it out (`flowfactory.seeding`). Algorithms get the same keys (`TrainBatch.sample_keys`). Parameters are
+looked up from the policy when needed, never cached: FSDP2 replaces them when it shards. Every process reaches
+the same decision after each phase that can fail on one process alone (a reward, a rollout), through one
+collective, so a failure stops every process with the original message instead of leaving the others waiting
+in a gather. The core never looks inside a policy, sampler, reward or algorithm.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -25,17 +31,21 @@ import numpy as np
 import torch
 
 from flowfactory.config import RunConfig, sampler_mismatch
-from flowfactory.errors import FlowFactoryError
+from flowfactory.errors import FlowFactoryError, RewardError
 from flowfactory.registry import BuildContext
-from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: old import path)
+from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: its old import path)
 from flowfactory.train import checkpoint as ckpt
+from flowfactory.train import parallel
 from flowfactory.train.advantages import compute_advantages
 from flowfactory.train.conditioning import ConditioningCache
 from flowfactory.train.data import load_prompts
 from flowfactory.train.ema import EMA
 from flowfactory.train.logging import MetricsLog, save_grid
 from flowfactory.train.rewards import RewardSet
+from flowfactory.train.state import init_optimizer_state, named_trainable, optimizer_state, raw_module
 from flowfactory.types import Conditioning, OptimizerHooks, Samples, TrainBatch, Trajectory, select_rows
+
+EVAL_KEY = 2**31 - 1  # the epoch slot of eval samples' keys: eval noise is the same at every eval
 
 
 @dataclass
@@ -51,305 +61,474 @@ class RunSummary:
     resumed_from: int | None
 
 
-def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
-    first = parts[0]
+@dataclass
+class Rollouts:
+    """One process's share of an epoch: its prompts, their keys and groups, what was sampled and decoded."""
 
-    def cat(name: str) -> torch.Tensor | None:
-        vals = [getattr(p, name) for p in parts]
-        return None if vals[0] is None else torch.cat(vals)
-
-    return Trajectory(sigmas=first.sigmas, stochastic=first.stochastic, final=cat("final"),
-                      latents=cat("latents"), log_probs=cat("log_probs"))
-
-
-def _config_dump(cfg: RunConfig) -> dict[str, Any]:
-    return json.loads(cfg.model_dump_json())
-
-
-def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ (train.epochs may grow on resume)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        key = f"{prefix}.{k}" if prefix else k
-        if key in ("train.epochs", "output_dir"):
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, key)
-        elif a != b:
-            out.append(key)
-    return out
+    prompts: list[str]
+    keys: list[tuple[int, ...]]
+    group_ids: list[int]
+    trajectory: Trajectory
+    cond: Conditioning
+    media: torch.Tensor  # decoded images [B, C, H, W] or videos [B, T, C, H, W] in [0, 1]
 
 
 def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = None, resume: bool = False,
         source: str = "<config>", show_progress: bool = True, registry: Any = None) -> RunSummary:
     """Train; `registry` defaults to the process-wide one (`flowfactory.plugins.get_registry()`)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    recipe = Recipe(cfg, options, output_dir=output_dir, resume=resume, source=source, show_progress=show_progress,
+                    registry=registry)
+    recipe.setup()
+    recipe.train()
+    return recipe.finish()
 
-    from flowfactory.plugins import get_registry
-    from flowfactory.train.progress import Progress
 
-    t_start = time.perf_counter()
-    t = cfg.train
-    out = Path(output_dir or cfg.output_dir or f"runs/{cfg.name}")
-    accelerator = Accelerator(mixed_precision=t.mixed_precision)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if accelerator.distributed_type.value == "FSDP":
-        # Checkpoints and final/ save each trainable tensor as this process holds it; with FSDP that is a
-        # shard. Refuse rather than write partial weights.
-        raise FlowFactoryError(
-            "this Accelerate launch uses FSDP, which flowfactory's checkpointing does not gather yet; launch "
-            "with DDP (`accelerate launch --multi_gpu ...` without an FSDP config) and use LoRA or gradient "
-            "checkpointing (policy options) to fit memory.")
-    n_global = t.prompts_per_epoch * t.group_size
-    if n_global % (world * t.steps_per_epoch):
-        raise FlowFactoryError(
-            f"{source}: train.prompts_per_epoch * train.group_size = {n_global} rollouts per epoch must split "
-            f"evenly over {world} processes x {t.steps_per_epoch} steps_per_epoch; change one of them.")
-    n_local = n_global // world
+class Recipe:
+    """A training run (see the module docstring for the order of its methods)."""
 
-    # --- output folder: never overwrite a run unless asked to resume it ---------------------------------
-    resume_from = ckpt.latest(out / "checkpoints") if resume else None
-    if not resume and (out / "metrics.jsonl").exists():
-        raise FlowFactoryError(
-            f"{out} already holds a run. Continue it with `ff run {source} --resume`, or write elsewhere "
-            f"with `--output DIR`.")
-    if resume and resume_from is None and (out / "metrics.jsonl").exists():
-        raise FlowFactoryError(f"{out} holds no complete checkpoint to resume; start afresh with another --output.")
-    if resume_from is not None:
-        saved = json.loads((out / "config.json").read_text())
-        changed = _config_changes(saved, _config_dump(cfg))
-        if changed:
+    def __init__(self, cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = None,
+                 resume: bool = False, source: str = "<config>", show_progress: bool = True, registry: Any = None):
+        self.cfg, self.options, self.t = cfg, options, cfg.train
+        self.out = Path(output_dir or cfg.output_dir or f"runs/{cfg.name}")
+        self.resume, self.source, self.show_progress = resume, source, show_progress
+        self.registry = registry
+        self.t_start = time.perf_counter()
+        self.start_epoch = 0
+        self.resume_from: Path | None = None
+        self.last_logged = 0  # the last epoch whose metrics row is written: the weights' epoch when consistent
+        self.last_saved = 0
+        self.consistent = True  # False from the first weight change of an epoch until its row is logged
+        self.log: MetricsLog | None = None
+        self.progress: Any = None
+
+    # ================================================================================================ setup
+    def setup(self) -> None:
+        self._launch()
+        self._prepare_output()
+        self._load_prompts()
+        self._build_components()
+        self._parallelize()
+        self._resume()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(_config_dump(self.cfg), indent=2))
+        self.log = MetricsLog(self.out, self.t.tensorboard, self.start_epoch) if self.main else None
+        self.last_logged = self.last_saved = self.start_epoch
+
+    def _launch(self) -> None:
+        """Processes (Accelerate), the parallel strategy, and the epoch's split over processes and steps."""
+        from accelerate import Accelerator
+
+        t = self.t
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision)
+        acc = self.accelerator
+        self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
+        self.device = acc.device
+        strategy = t.parallel.strategy
+        if acc.distributed_type.value == "FSDP" and strategy != "fsdp":
             raise FlowFactoryError(
-                f"{source}: cannot resume {out}: the config changed at {', '.join(changed)}. Resume with the "
-                f"config the run started with (only train.epochs may grow), or use another --output.")
-    accelerator.wait_for_everyone()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_dump(cfg), indent=2))
+                f"{self.source}: this launch uses Accelerate's FSDP config, but train.parallel.strategy is "
+                f"{strategy!r}; set train.parallel.strategy: fsdp (flowfactory applies FSDP2 itself), or launch "
+                f"with configs/accelerate/ddp.yaml")
+        if strategy == "fsdp" and t.mixed_precision == "fp16":
+            raise FlowFactoryError(
+                f"{self.source}: train.mixed_precision: fp16 needs a gradient scaler, which FSDP2 sharding does not "
+                f"use; use bf16, or train.parallel.param_dtype: bfloat16")
+        # FSDP over one process shards nothing: it is the plain single-process run
+        self.fsdp = strategy == "fsdp" and self.world > 1
+        n_global = t.prompts_per_epoch * t.group_size
+        if n_global % (self.world * t.steps_per_epoch):
+            raise FlowFactoryError(
+                f"{self.source}: train.prompts_per_epoch * train.group_size = {n_global} rollouts per epoch must split "
+                f"evenly over {self.world} processes x {t.steps_per_epoch} steps_per_epoch; change one of them.")
+        self.n_local = n_global // self.world
 
-    # --- prompts first: a bad prompt file must not cost a model load -------------------------------------
-    base_dir = Path(source).parent if source and not source.startswith("<") else None
-    train_prompts = load_prompts(cfg.data.train, base_dir, "data.train")
-    eval_prompts = load_prompts(cfg.data.eval, base_dir, "data.eval")[: t.eval_prompts] if cfg.data.eval else []
+    def _prepare_output(self) -> None:
+        """Never overwrite a run unless asked to resume it; a resume must use the config the run started with."""
+        out, source = self.out, self.source
+        if not self.resume and (out / "metrics.jsonl").exists():
+            raise FlowFactoryError(
+                f"{out} already holds a run. Continue it with `ff run {source} --resume`, or write elsewhere "
+                f"with `--output DIR`.")
+        if not self.resume:
+            return
+        notes: list[str] = []
+        self.resume_from = ckpt.latest(out / "checkpoints", notes)
+        if self.main:
+            for note in notes:
+                print(f"flowfactory: {note}", file=sys.stderr)
+        if self.resume_from is None and (out / "metrics.jsonl").exists():
+            raise FlowFactoryError(f"{out} holds no complete checkpoint to resume; start afresh with another --output.")
+        if self.resume_from is not None:
+            saved = json.loads((out / "config.json").read_text())
+            changed = _config_changes(saved, _config_dump(self.cfg))
+            if changed:
+                raise FlowFactoryError(
+                    f"{source}: cannot resume {out}: the config changed at {', '.join(changed)}. Resume with the "
+                    f"config the run started with (only train.epochs may grow), or use another --output.")
 
-    # --- components, built from the registry ------------------------------------------------------------
-    registry = registry if registry is not None else get_registry()
-    ctx = BuildContext(seed=cfg.seed, device=accelerator.device, output_dir=str(out))
-    sampler = registry.get("sampler", cfg.sampler.name).create(options["sampler"], ctx)
-    algorithm = registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx)
-    mismatch = sampler_mismatch(cfg, sampler, algorithm)  # before any weights are loaded
-    if mismatch:
-        raise FlowFactoryError(f"{source}: {mismatch[0]}: {mismatch[1]}")
-    set_seed(cfg.seed)
-    # an algorithm that never calls policy.reference() (no KL term) spares a full finetune its frozen copy
-    policy_ctx = replace(ctx, reference=algorithm.requirements.reference)
-    policy = registry.get("policy", cfg.policy.name).create(options["policy"], policy_ctx)
-    rewards = RewardSet([(r.name, registry.get("reward", r.name).create(options[f"rewards[{i}]"], ctx), r.weight)
-                         for i, r in enumerate(cfg.rewards)])
-    algorithm.setup(policy, sampler)
-    need = algorithm.requirements
-    hooks = AlgorithmHooks(algorithm)
+    def _load_prompts(self) -> None:
+        """Prompts first: a bad prompt file must not cost a model load."""
+        cfg, source = self.cfg, self.source
+        base_dir = Path(source).parent if source and not source.startswith("<") else None
+        self.train_prompts = load_prompts(cfg.data.train, base_dir, "data.train")
+        self.eval_prompts = (load_prompts(cfg.data.eval, base_dir, "data.eval")[: self.t.eval_prompts]
+                             if cfg.data.eval else [])
 
-    params = policy.trainable_parameters()
-    if not params:
-        raise FlowFactoryError(f"{source}: policy {cfg.policy.name!r} has no trainable parameters with these options.")
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.adam_eps, weight_decay=t.weight_decay)
-    policy.module, optimizer = accelerator.prepare(policy.module, optimizer)
-    ema = EMA(params, t.ema.decay) if t.ema.enabled else None
-    encode = ConditioningCache(policy)
+    def _build_components(self) -> None:
+        """Sampler and algorithm first (cheap, and their mismatch is an error before any weights load), then
+        the policy and the rewards, from the registry."""
+        from accelerate.utils import set_seed
 
-    start_epoch = 0
-    if resume_from is not None:
-        state, meta = ckpt.load(resume_from)
+        from flowfactory.plugins import get_registry
+
+        cfg, options = self.cfg, self.options
+        registry = self.registry if self.registry is not None else get_registry()
+        ctx = BuildContext(seed=cfg.seed, device=self.device, output_dir=str(self.out))
+        self.sampler = registry.get("sampler", cfg.sampler.name).create(options["sampler"], ctx)
+        self.algorithm = registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx)
+        mismatch = sampler_mismatch(cfg, self.sampler, self.algorithm)
+        if mismatch:
+            raise FlowFactoryError(f"{self.source}: {mismatch[0]}: {mismatch[1]}")
+        set_seed(cfg.seed)
+        # an algorithm that never calls policy.reference() (no KL term) spares a full finetune its frozen copy
+        policy_ctx = replace(ctx, reference=self.algorithm.requirements.reference)
+        self.policy = registry.get("policy", cfg.policy.name).create(options["policy"], policy_ctx)
+        self.rewards = RewardSet([(r.name, registry.get("reward", r.name).create(options[f"rewards[{i}]"], ctx),
+                                   r.weight) for i, r in enumerate(cfg.rewards)])
+        self.hooks = AlgorithmHooks(self.algorithm)
+        cache_dir = self.t.conditioning_cache
+        if cache_dir is not None and not Path(cache_dir).is_absolute() and not self.source.startswith("<"):
+            cache_dir = str(Path(self.source).parent / cache_dir)
+        on_disk = {"directory": Path(cache_dir)} if cache_dir else {}
+        self.encode = ConditioningCache(self.policy, capacity=512, **on_disk)
+
+    def _parallelize(self) -> None:
+        """Shard (FSDP2) or wrap (DDP) the trained module, then set up the algorithm, AdamW and the EMA over the
+        parameters as they are after that step."""
+        t = self.t
+        if self.fsdp:
+            parallel.shard(self.policy, t.parallel, self.device, self.world)
+        self.algorithm.setup(self.policy, self.sampler)
+        params = self.policy.trainable_parameters()
+        if not params:
+            raise FlowFactoryError(
+                f"{self.source}: policy {self.cfg.policy.name!r} has no trainable parameters with these options.")
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        if not self.fsdp:
+            self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
+        self.ema = EMA(named_trainable(self.policy), t.ema.decay) if t.ema.enabled else None
+
+    def _training_state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds, by name: weights, AdamW state, EMA, the algorithm's state."""
+        named = named_trainable(self.policy)
+        return {"model": named, "optimizer": optimizer_state(_raw_optimizer(self.optimizer), named),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "algorithm": self.hooks.state_dict()}
+
+    def _resume(self) -> None:
+        if self.resume_from is None:
+            return
+        path = self.resume_from
+        meta = ckpt.read_meta(path)
+        named = named_trainable(self.policy)
+        per_param: dict[str, dict[str, Any]] = {}
+        for key, spec in ckpt.shapes(meta, "optimizer/").items():
+            name, entry = key.rsplit("/", 1)
+            per_param.setdefault(name, {})[entry] = spec
+        init_optimizer_state(_raw_optimizer(self.optimizer), named, per_param)
+        state, meta = ckpt.load(path, self._training_state())
+        saved = state["model"]
+        if saved.keys() != named.keys():
+            diff = sorted(set(saved) ^ set(named))[:3]
+            raise FlowFactoryError(
+                f"{path}: its trained parameters differ from this run's (e.g. {diff}); resume with the policy options "
+                f"the run started with")
         with torch.no_grad():
-            for p, saved_p in zip(params, state["params"], strict=True):
-                p.copy_(saved_p.to(p.device, p.dtype))
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        hooks.load_state_dict(state.get("algorithm") or {})
-        start_epoch = meta["epoch"]
-        if start_epoch >= t.epochs:
+            for name, p in named.items():
+                if saved[name] is not p:
+                    p.copy_(saved[name])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.hooks.load_state_dict(state.get("algorithm") or {})
+        self.start_epoch = int(meta["epoch"])
+        if self.start_epoch >= self.t.epochs:
             raise FlowFactoryError(
-                f"{source}: {out} already trained {start_epoch} epochs; to continue, raise train.epochs above "
-                f"{start_epoch} (e.g. --set train.epochs={start_epoch + 10}).")
-    log = MetricsLog(out, t.tensorboard, start_epoch) if main else None
+                f"{self.source}: {self.out} already trained {self.start_epoch} epochs; to continue, raise "
+                f"train.epochs above {self.start_epoch} (e.g. --set train.epochs={self.start_epoch + 10}).")
 
-    def save_checkpoint(epoch: int) -> None:
-        accelerator.wait_for_everyone()
-        if main:
-            state = {"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-                     "ema": ema.state_dict() if ema is not None else None, "algorithm": hooks.state_dict()}
-            ckpt.save(out / "checkpoints", epoch, state, {"name": cfg.name}, t.keep_checkpoints)
-        accelerator.wait_for_everyone()
+    # ================================================================================================ train
+    def train(self) -> None:
+        """Every epoch, then its checkpoint. On any failure, save the last epoch whose weights and metrics agree
+        (every process together: failures are agreed on first), then re-raise."""
+        from flowfactory.train.progress import Progress
 
-    def rollout(prompts: list[str], keys: list[tuple[int, ...]], *, deterministic: bool, keep: str,
-                epoch: int) -> tuple[Trajectory, Conditioning, torch.Tensor]:
-        """Roll out one sample per prompt (no grad), in chunks; returns trajectory, conditioning, decoded."""
-        cond = encode(prompts)
+        t = self.t
+        self.progress = Progress(self.cfg.name, self.start_epoch, t.epochs, enabled=self.show_progress and self.main)
+        try:
+            for epoch in range(self.start_epoch + 1, t.epochs + 1):
+                row = self.train_epoch(epoch)
+                if self.main:
+                    self.log.log(row)
+                self.last_logged, self.consistent = epoch, True
+                self.progress.update(epoch, row)
+                if t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
+                    self.save_checkpoint(epoch)
+        except BaseException:
+            # lose nothing: keep the last complete epoch when the failure left the weights consistent
+            if self.consistent and self.last_logged > self.last_saved and t.checkpoint_every:
+                self.save_checkpoint(self.last_logged)
+            raise
+        finally:
+            self.progress.close()
+            if self.log is not None:
+                self.log.close()
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch: rollouts, rewards and advantages over the global batch, the update, then its metrics row."""
+        t0 = time.perf_counter()
+        prompts, local, group_ids = self.epoch_prompts(epoch)
+        keys = [(epoch, i) for i in local]
+        groups = [int(group_ids[i]) for i in local]
+        error: BaseException | None = None
+        roll = per_reward = total = None
+        try:
+            self.policy.module.eval()
+            with self.hooks.sampling(self.policy):
+                roll = self.rollout(prompts, keys, groups, deterministic=not self.algorithm.requirements.stochastic,
+                                    keep=self.algorithm.requirements.keep, epoch=epoch)
+            self.hooks.on_rollout(self.policy)
+            t1 = time.perf_counter()
+            per_reward, total = self.score(roll)
+        except Exception as exc:  # agreed on below, so every process stops, not only this one
+            error = exc
+        self._agree(error)
+        assert roll is not None and per_reward is not None and total is not None
+        gathered = {k: self.accelerator.gather(v.to(self.device)).cpu() for k, v in per_reward.items()}
+        adv_all, reward_all = compute_advantages(gathered, self.rewards.weights, group_ids, std=self.t.adv_std,
+                                                 clip=self.t.adv_clip, combine=self.t.reward_combine)
+        advantages = adv_all[local.start:local.stop].to(self.device)
+
+        stats = self.update(epoch, roll, advantages, local)
+        t2 = time.perf_counter()
+
+        row: dict[str, Any] = {"epoch": epoch, "reward/mean": float(reward_all.mean()),
+                               "reward/std": float(reward_all.std(unbiased=False))}
+        for name, vals in gathered.items():
+            row[f"reward/{name}/mean"] = float(vals.mean())
+        row.update(stats)
+        row["time/rollout_s"], row["time/train_s"] = t1 - t0, t2 - t1
+        t = self.t
+        if self.main and t.sample_every and (epoch % t.sample_every == 0 or epoch == t.epochs):
+            first = [i for i in range(self.n_local) if i % t.group_size == 0][:16]
+            save_grid(roll.media[first], [f"{prompts[i]} | {float(total[i]):.3f}" for i in first],
+                      self.out / "samples" / f"train-{epoch:06d}.png")
+        if self.eval_prompts and t.eval_every and (epoch % t.eval_every == 0 or epoch == t.epochs):
+            row.update(self.evaluate(epoch))
+        row["time/epoch_s"] = time.perf_counter() - t0
+        return row
+
+    def epoch_prompts(self, epoch: int) -> tuple[list[str], range, torch.Tensor]:
+        """P distinct prompts drawn from (seed, epoch), K rollouts each; this process takes a contiguous slice.
+        Returns its prompts, its global sample indices and every sample's group id."""
+        t = self.t
+        rng = np.random.default_rng([self.cfg.seed, epoch, 1])
+        chosen = rng.choice(len(self.train_prompts), size=t.prompts_per_epoch,
+                            replace=t.prompts_per_epoch > len(self.train_prompts))
+        group_ids = torch.arange(t.prompts_per_epoch).repeat_interleave(t.group_size)
+        local = range(self.rank * self.n_local, (self.rank + 1) * self.n_local)
+        return [self.train_prompts[chosen[int(group_ids[i])]] for i in local], local, group_ids
+
+    def rollout(self, prompts: list[str], keys: list[tuple[int, ...]], group_ids: list[int], *,
+                deterministic: bool, keep: str, epoch: int) -> Rollouts:
+        """One sample per prompt under no grad, in chunks of `rollout_batch_size`, decoded."""
+        t, acc = self.t, self.accelerator
+        cond = self.encode(prompts)
         trajs, decoded = [], []
         for lo in range(0, len(prompts), t.rollout_batch_size):
             sl = slice(lo, lo + t.rollout_batch_size)
-            gens = generators(cfg.seed, keys[sl])
-            with torch.no_grad(), accelerator.autocast():
-                traj = sampler.rollout(policy, select_rows(cond, sl), policy.noise(gens), gens, keep=keep,
-                                       deterministic=deterministic, epoch=epoch)
-                decoded.append(policy.decode(traj.final).float())
+            gens = generators(self.cfg.seed, keys[sl])
+            with torch.no_grad(), acc.autocast():
+                traj = self.sampler.rollout(self.policy, select_rows(cond, sl), self.policy.noise(gens), gens,
+                                            keep=keep, deterministic=deterministic, epoch=epoch)
+                decoded.append(self.policy.decode(traj.final).float())
             trajs.append(traj)
-        return cat_trajectories(trajs), cond, torch.cat(decoded)
+        return Rollouts(prompts=prompts, keys=keys, group_ids=group_ids, trajectory=cat_trajectories(trajs),
+                        cond=cond, media=torch.cat(decoded))
 
-    def evaluate(epoch: int) -> dict[str, float]:
-        """ODE rollouts on held-out prompts (one each, fixed noise), split over processes."""
-        mine = list(range(rank, len(eval_prompts), world))
-        per = math.ceil(len(eval_prompts) / world)
-        scores = torch.full((per, len(rewards) + 1), float("nan"), device=accelerator.device)
-        images = None
-        if mine:
-            prompts = [eval_prompts[i] for i in mine]
-            with ema.swapped(params) if ema is not None else nullcontext():
-                _, _, images = rollout(prompts, [(2**31 - 1, i) for i in mine], deterministic=True,
-                                       keep="final", epoch=epoch)
-            per_reward, total = rewards.score(Samples(prompts=prompts, **_media(images)))
-            scores[: len(mine)] = torch.stack([total, *per_reward.values()], 1).to(scores)
-        allscores = accelerator.gather(scores)
+    def score(self, roll: Rollouts) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every reward on this process's samples: ({name: [B]}, weighted total [B]); checked before any update."""
+        return self.rewards.score(Samples(prompts=roll.prompts, **_media(roll.media), group_ids=roll.group_ids))
+
+    def update(self, epoch: int, roll: Rollouts, advantages: torch.Tensor, local: range) -> dict[str, float]:
+        """Inner epochs x optimizer steps x micro-batches x the algorithm's units. The gradient of a step is the
+        mean over every (sample, unit) of the global step, whatever the process count or micro-batch size."""
+        t = self.t
+        self.policy.module.train()
+        self.consistent = False
+        stats = _Stats()
+        grad_norms: list[float] = []
+        per_step = self.n_local // t.steps_per_epoch
+        for inner in range(t.inner_epochs):
+            for batches in self.micro_batches(epoch, inner, roll, advantages, local):
+                for m, batch in enumerate(batches):
+                    units = self.algorithm.units(batch)
+                    for u, unit in enumerate(units):
+                        last = m == len(batches) - 1 and u == len(units) - 1
+                        self._loss_step(batch, unit, per_step * len(units), last, stats)
+                norm = self._optimizer_step()
+                if norm is not None:
+                    grad_norms.append(norm)
+        self.hooks.on_epoch_end(self.policy)
+        out = stats.reduce(self.accelerator)
+        if grad_norms:
+            out["grad_norm"] = float(np.mean(grad_norms))
+        return out
+
+    def micro_batches(self, epoch: int, inner: int, roll: Rollouts, advantages: torch.Tensor,
+                      local: range) -> list[list[TrainBatch]]:
+        """For each optimizer step of this inner epoch, its micro-batches: rows shuffled by (seed, epoch, inner,
+        rank), split into steps, then into micro-batches."""
+        t = self.t
+        per_step = self.n_local // t.steps_per_epoch
+        order = torch.from_numpy(np.random.default_rng([self.cfg.seed, epoch, 2, inner, self.rank])
+                                 .permutation(self.n_local))
+        steps = []
+        for step in range(t.steps_per_epoch):
+            idx = order[step * per_step:(step + 1) * per_step]
+            steps.append([TrainBatch(trajectory=roll.trajectory.select(mb), cond=select_rows(roll.cond, mb),
+                                     advantages=advantages[mb], fresh=inner == 0 and step == 0,
+                                     sample_keys=tuple((epoch, inner, local.start + int(i)) for i in mb))
+                          for mb in idx.split(t.micro_batch_size)])
+        return steps
+
+    def _loss_step(self, batch: TrainBatch, unit: Any, scale: int, last: bool, stats: _Stats) -> None:
+        """One forward/backward. The loss is this process's sum over (sample, unit) / (rows per step x units);
+        DDP and FSDP average over processes, so the gradient is the global mean. Gradients are reduced across
+        processes only on the step's last backward."""
+        acc = self.accelerator
+        with parallel.sync_context(self.policy.module, self.fsdp, acc, last):
+            with acc.autocast():
+                res = self.algorithm.loss(self.policy, self.sampler, batch, unit)
+            acc.backward(res.loss.float().sum() / scale)
+        stats.add(res)
+
+    def _optimizer_step(self) -> float | None:
+        """Clip, step, zero the gradients, then the algorithm's and the EMA's per-step updates."""
+        t = self.t
+        norm = None
+        if t.max_grad_norm is not None:
+            norm = parallel.clip_grad_norm(self.policy.trainable_parameters(), t.max_grad_norm, self.fsdp,
+                                           self.accelerator)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.hooks.on_step(self.policy)
+        if self.ema is not None:
+            self.ema.update(named_trainable(self.policy))
+        return norm
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """ODE rollouts on held-out prompts (one each, fixed noise), split over processes. With FSDP every
+        process rolls out the same number of samples (padding repeats its last prompt): forwards are collective."""
+        prompts_all, world, rank = self.eval_prompts, self.world, self.rank
+        mine = list(range(rank, len(prompts_all), world))
+        per = math.ceil(len(prompts_all) / world)
+        n_real = len(mine)
+        if self.fsdp:
+            mine += [mine[-1] if mine else 0] * (per - len(mine))
+        scores = torch.full((per, len(self.rewards) + 1), float("nan"), device=self.device)
+        error: BaseException | None = None
+        roll = None
+        try:
+            if mine:
+                prompts = [prompts_all[i] for i in mine]
+                swap = self.ema.swapped(named_trainable(self.policy)) if self.ema is not None else nullcontext()
+                with swap:
+                    roll = self.rollout(prompts, [(EVAL_KEY, i) for i in mine], [], deterministic=True,
+                                        keep="final", epoch=epoch)
+                per_reward, total = self.rewards.score(Samples(prompts=prompts[:n_real],
+                                                               **_media(roll.media[:n_real])))
+                scores[:n_real] = torch.stack([total, *per_reward.values()], 1).to(scores)
+        except Exception as exc:
+            error = exc
+        self._agree(error)
+        allscores = self.accelerator.gather(scores)
         allscores = allscores[~allscores[:, 0].isnan()].cpu()
-        if main and images is not None:
-            save_grid(images, [f"{p}" for p in (eval_prompts[i] for i in mine)], out / "samples" / f"eval-{epoch:06d}.png")
+        if self.main and roll is not None:
+            save_grid(roll.media[:n_real], [prompts_all[i] for i in mine[:n_real]],
+                      self.out / "samples" / f"eval-{epoch:06d}.png")
         row = {"eval/reward/mean": float(allscores[:, 0].mean())}
-        for j, name in enumerate(rewards.names, 1):
+        for j, name in enumerate(self.rewards.names, 1):
             row[f"eval/reward/{name}/mean"] = float(allscores[:, j].mean())
         return row
 
-    progress = Progress(cfg.name, start_epoch, t.epochs, enabled=show_progress and main)
-    last_done, last_saved, consistent = start_epoch, start_epoch, True
-    try:
-        for epoch in range(start_epoch + 1, t.epochs + 1):
-            t0 = time.perf_counter()
-            # 1. prompts: P distinct prompts, K rollouts each; this process takes a contiguous slice
-            rng = np.random.default_rng([cfg.seed, epoch, 1])
-            chosen = rng.choice(len(train_prompts), size=t.prompts_per_epoch,
-                                replace=t.prompts_per_epoch > len(train_prompts))
-            group_ids = torch.arange(t.prompts_per_epoch).repeat_interleave(t.group_size)
-            local = range(rank * n_local, (rank + 1) * n_local)
-            prompts = [train_prompts[chosen[int(group_ids[i])]] for i in local]
+    def save_checkpoint(self, epoch: int) -> None:
+        """Every process writes its part of the named state (`flowfactory.train.checkpoint`)."""
+        parallel.reshard(raw_module(self.policy.module))
+        ckpt.save(self.out / "checkpoints", epoch, self._training_state(),
+                  {"name": self.cfg.name, "processes": self.world, "strategy": self.t.parallel.strategy},
+                  self.t.keep_checkpoints)
+        self.last_saved = epoch
 
-            # 2. rollout under no grad, keeping what the algorithm needs
-            policy.module.eval()
-            with hooks.sampling(policy):
-                traj, cond, images = rollout(prompts, [(epoch, i) for i in local], deterministic=not need.stochastic,
-                                             keep=need.keep, epoch=epoch)
-            hooks.on_rollout(policy)
-            t1 = time.perf_counter()
+    def _agree(self, error: BaseException | None) -> None:
+        """Every process learns, through one collective, whether any process failed; each then raises the
+        first failure (its own, or the failing process's message), so none is left waiting in a collective."""
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return
+        size = 2048
+        text = b"" if error is None else _describe(error).encode("utf-8", "replace")[: size - 2]
+        buf = torch.zeros(size, dtype=torch.uint8)
+        buf[0] = 0 if error is None else (2 if isinstance(error, RewardError) else 1)
+        buf[1:1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else buf[1:1]
+        everyone = self.accelerator.gather(buf.to(self.device)).cpu().view(self.world, size)
+        if error is not None:
+            raise error
+        failed = [r for r in range(self.world) if everyone[r, 0] != 0]
+        if failed:
+            r = failed[0]
+            raw = bytes(everyone[r, 1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+            cls = RewardError if int(everyone[r, 0]) == 2 else FlowFactoryError
+            raise cls(f"{raw} (on process {r} of {self.world}; this process stopped with it)")
 
-            # 3. rewards (checked before any weight changes) and advantages over the global batch
-            per_reward, total = rewards.score(Samples(prompts=prompts, **_media(images),
-                                                      group_ids=[int(group_ids[i]) for i in local]))
-            gathered = {k: accelerator.gather(v.to(accelerator.device)).cpu() for k, v in per_reward.items()}
-            adv_all, reward_all = compute_advantages(gathered, rewards.weights, group_ids, std=t.adv_std,
-                                                     clip=t.adv_clip, combine=t.reward_combine)
-            advantages = adv_all[local.start:local.stop].to(accelerator.device)
-
-            # 4. policy optimisation: inner epochs x optimizer steps x micro-batches x units
-            policy.module.train()
-            consistent = False
-            sums: dict[str, float] = {}
-            counts: dict[str, int] = {}
-            maxes: dict[str, float] = {}
-            grad_norms = []
-            per_step = n_local // t.steps_per_epoch
-            for inner in range(t.inner_epochs):
-                order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch, 2, inner, rank]).permutation(n_local))
-                for step in range(t.steps_per_epoch):
-                    idx = order[step * per_step:(step + 1) * per_step]
-                    micro = idx.split(t.micro_batch_size)
-                    for m, mb in enumerate(micro):
-                        batch = TrainBatch(trajectory=traj.select(mb), cond=select_rows(cond, mb),
-                                           advantages=advantages[mb], fresh=inner == 0 and step == 0,
-                                           sample_keys=tuple((epoch, inner, local.start + int(i)) for i in mb))
-                        units = algorithm.units(batch)
-                        for u, unit in enumerate(units):
-                            last = m == len(micro) - 1 and u == len(units) - 1
-                            with (nullcontext() if last else accelerator.no_sync(policy.module)):
-                                with accelerator.autocast():
-                                    res = algorithm.loss(policy, sampler, batch, unit)
-                                # The gradient is the mean over every (sample, unit) of the global step:
-                                # this process's sum / (per_step * world * units), times world because
-                                # DDP averages over processes. Exact whatever the process count.
-                                accelerator.backward(res.loss.float().sum() / (per_step * len(units)))
-                            _accumulate(sums, counts, maxes, res, float(res.loss.detach().float().mean()))
-                    if t.max_grad_norm is not None:
-                        grad_norms.append(float(accelerator.clip_grad_norm_(params, t.max_grad_norm)))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    hooks.on_step(policy)
-                    if ema is not None:
-                        ema.update(params)
-            hooks.on_epoch_end(policy)
-            consistent = True
-            t2 = time.perf_counter()
-
-            # 5. metrics, samples, eval, checkpoint
-            row: dict[str, Any] = {"epoch": epoch, "reward/mean": float(reward_all.mean()),
-                                   "reward/std": float(reward_all.std(unbiased=False))}
-            for name, vals in gathered.items():
-                row[f"reward/{name}/mean"] = float(vals.mean())
-            row.update(_reduce(accelerator, sums, counts, maxes))
-            if grad_norms:
-                row["grad_norm"] = float(np.mean(grad_norms))
-            row["time/rollout_s"], row["time/train_s"] = t1 - t0, t2 - t1
-            if main and t.sample_every and (epoch % t.sample_every == 0 or epoch == t.epochs):
-                first = [i for i in range(n_local) if i % t.group_size == 0][:16]
-                save_grid(images[first], [f"{prompts[i]} | {float(total[i]):.3f}" for i in first],
-                          out / "samples" / f"train-{epoch:06d}.png")
-            if eval_prompts and t.eval_every and (epoch % t.eval_every == 0 or epoch == t.epochs):
-                row.update(evaluate(epoch))
-            row["time/epoch_s"] = time.perf_counter() - t0
-            if main:
-                log.log(row)
-            last_done = epoch
-            progress.update(epoch, row)
-            if t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
-                save_checkpoint(epoch)
-                last_saved = epoch
-    except BaseException:
-        # lose nothing: keep the last complete epoch when the failure left the weights consistent
-        if consistent and last_done > last_saved and t.checkpoint_every:
-            save_checkpoint(last_done)
-        raise
-    finally:
-        progress.close()
-        if log is not None:
-            log.close()
-
-    accelerator.wait_for_everyone()
-    final = out / "final"
-    if main:
-        policy.save(str(final))
-        if ema is not None:
-            with ema.swapped(params):
-                policy.save(str(final / "ema"))
-    accelerator.wait_for_everyone()
-    rows = _read_rows(out / "metrics.jsonl")
-    first5 = [r["reward/mean"] for r in rows[:5]]
-    last5 = [r["reward/mean"] for r in rows[-5:]]
-    summary = RunSummary(output_dir=str(out), epochs=last_done, reward_first=float(np.mean(first5)) if first5 else math.nan,
-                         reward_last=float(np.mean(last5)) if last5 else math.nan, final_dir=str(final),
-                         metrics_path=str(out / "metrics.jsonl"), samples_dir=str(out / "samples"),
-                         wall_seconds=time.perf_counter() - t_start,
-                         resumed_from=start_epoch if resume_from is not None else None)
-    return summary
+    # =============================================================================================== finish
+    def finish(self) -> RunSummary:
+        """final/ (and final/ema) from the gathered weights, written by the main process, then the summary."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final = self.out / "final"
+        modules = [raw_module(self.policy.module)]
+        with parallel.full_weights(modules, self.main):
+            if self.main:
+                self.policy.save(str(final))
+        if self.ema is not None:
+            with self.ema.swapped(named_trainable(self.policy)), parallel.full_weights(modules, self.main):
+                if self.main:
+                    self.policy.save(str(final / "ema"))
+        acc.wait_for_everyone()
+        rows = _read_rows(self.out / "metrics.jsonl")
+        first5 = [r["reward/mean"] for r in rows[:5]]
+        last5 = [r["reward/mean"] for r in rows[-5:]]
+        return RunSummary(output_dir=str(self.out), epochs=self.last_logged,
+                          reward_first=float(np.mean(first5)) if first5 else math.nan,
+                          reward_last=float(np.mean(last5)) if last5 else math.nan, final_dir=str(final),
+                          metrics_path=str(self.out / "metrics.jsonl"), samples_dir=str(self.out / "samples"),
+                          wall_seconds=time.perf_counter() - self.t_start,
+                          resumed_from=self.start_epoch if self.resume_from is not None else None)
 
 
 class AlgorithmHooks:
     """The algorithm's optional methods (`flowfactory.types.OptimizerHooks`), with no-op defaults."""
 
+    _defaults = OptimizerHooks()
+
     def __init__(self, algorithm: Any):
         self.algorithm = algorithm
 
     def _get(self, name: str) -> Any:
-        return getattr(self.algorithm, name, None) or getattr(OptimizerHooks(), name)
+        return getattr(self.algorithm, name, None) or getattr(self._defaults, name)
 
     def sampling(self, policy: Any) -> Any:
         return self._get("sampling")(policy)
@@ -370,32 +549,78 @@ class AlgorithmHooks:
         self._get("load_state_dict")(state)
 
 
+class _Stats:
+    """Loss and metrics of an epoch's update: means over micro-batches and processes, maxima for max-metrics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.maxes: dict[str, float] = {}
+
+    def add(self, res: Any) -> None:
+        for k, v in {"loss": float(res.loss.detach().float().mean()),
+                     **{k: float(v) for k, v in res.metrics.items()}}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        for k, v in res.max_metrics.items():
+            self.maxes[k] = max(self.maxes.get(k, -math.inf), float(v))
+
+    def reduce(self, accelerator: Any) -> dict[str, float]:
+        out = {}
+        keys = sorted(self.sums)
+        if keys:
+            means = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64,
+                                 device=accelerator.device)
+            means = accelerator.reduce(means, reduction="mean")
+            out.update({k: float(v) for k, v in zip(keys, means.tolist())})
+        mkeys = sorted(self.maxes)
+        if mkeys:
+            mx = torch.tensor([self.maxes[k] for k in mkeys], dtype=torch.float64, device=accelerator.device)
+            mx = accelerator.gather(mx[None]).amax(0)
+            out.update({k: float(v) for k, v in zip(mkeys, mx.tolist())})
+        return out
+
+
+def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
+    first = parts[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        vals = [getattr(p, name) for p in parts]
+        return None if vals[0] is None else torch.cat(vals)
+
+    return Trajectory(sigmas=first.sigmas, stochastic=first.stochastic, final=cat("final"),
+                      latents=cat("latents"), log_probs=cat("log_probs"))
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) if isinstance(error, FlowFactoryError) else f"{type(error).__name__}: {error}"
+
+
+def _raw_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _media(images: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"videos": images} if images.ndim == 5 else {"images": images}
 
 
-def _accumulate(sums: dict[str, float], counts: dict[str, int], maxes: dict[str, float], res: Any,
-                loss: float) -> None:
-    for k, v in {"loss": loss, **{k: float(v) for k, v in res.metrics.items()}}.items():
-        sums[k] = sums.get(k, 0.0) + v
-        counts[k] = counts.get(k, 0) + 1
-    for k, v in res.max_metrics.items():
-        maxes[k] = max(maxes.get(k, -math.inf), float(v))
+def _config_dump(cfg: RunConfig) -> dict[str, Any]:
+    return json.loads(cfg.model_dump_json())
 
 
-def _reduce(accelerator: Any, sums: dict[str, float], counts: dict[str, int], maxes: dict[str, float]) -> dict[str, float]:
-    """Means across micro-batches and processes; maxima for max-metrics."""
-    out = {}
-    keys = sorted(sums)
-    if keys:
-        means = torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-        means = accelerator.reduce(means, reduction="mean")
-        out.update({k: float(v) for k, v in zip(keys, means.tolist())})
-    mkeys = sorted(maxes)
-    if mkeys:
-        mx = torch.tensor([maxes[k] for k in mkeys], dtype=torch.float64, device=accelerator.device)
-        mx = accelerator.gather(mx[None]).amax(0)
-        out.update({k: float(v) for k, v in zip(mkeys, mx.tolist())})
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ (train.epochs may grow on resume)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        key = f"{prefix}.{k}" if prefix else k
+        if key in ("train.epochs", "output_dir"):
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, key)
+        elif a != b:
+            out.append(key)
     return out
 
 

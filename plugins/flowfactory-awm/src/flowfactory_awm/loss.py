@@ -28,8 +28,10 @@ from typing import Any
 
 import torch
 
+from flowfactory.errors import FlowFactoryError
 from flowfactory.seeding import randn_per_sample, sample_seed
 from flowfactory.train.ema import EMA
+from flowfactory.train.state import named_trainable
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
 
 _STREAM = 0x41574D  # "AWM": keeps this optimizer's seeds apart from the loop's (seed, epoch, index) seeds
@@ -108,8 +110,6 @@ class AWM(OptimizerHooks):
         self.ema_steps = 0  # optimizer steps already folded into the EMA policy
         self.ema: EMA | None = None  # the EMA policy (KL-EMA and off-policy sampling)
         self._old: EMA | None = None  # snapshot of the sampling policy, taken in on_rollout
-        self._params: list[torch.nn.Parameter] | None = None
-        self._pending_state: dict[str, Any] | None = None
 
     # --- setup and hooks ------------------------------------------------------------------------------------
     @property
@@ -117,29 +117,27 @@ class AWM(OptimizerHooks):
         return self.options.ema_kl_beta > 0 or self.options.off_policy
 
     def setup(self, policy: Policy, sampler: Sampler) -> None:
-        """Take the trainable parameters and start the EMA policy at them (AWM works with any sampler)."""
-        self._params = list(policy.trainable_parameters())
-        if self._needs_ema and self.ema is None:
-            self.ema = EMA(self._params, self.options.ema_decay)
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self.load_state_dict(state)
+        """Start the EMA policy at the current weights (AWM works with any sampler)."""
+        self._parameters(policy)
 
-    def _parameters(self, policy: Policy) -> list[torch.nn.Parameter]:
-        if self._params is None:
-            self.setup(policy, None)  # type: ignore[arg-type]
-        assert self._params is not None
-        return self._params
+    def _parameters(self, policy: Policy) -> dict[str, torch.Tensor]:
+        """The named trainable parameters, looked up now (sharding replaces them); creates the EMA policy on
+        first use."""
+        params = named_trainable(policy)
+        if self._needs_ema and self.ema is None:
+            self.ema = EMA(params, self.options.ema_decay)
+        return params
 
     def _ema_decay(self) -> float:
         o = self.options
         return o.ema_decay if o.ema_decay_schedule == "constant" else min(o.ema_decay, 0.001 * self.steps)
 
-    def _update_ema(self) -> None:
-        if self.ema is None or self._params is None or self.ema_steps == self.steps:
+    def _update_ema(self, policy: Policy) -> None:
+        params = self._parameters(policy)
+        if self.ema is None or self.ema_steps == self.steps:
             return
         self.ema.decay = self._ema_decay()
-        self.ema.update(self._params)
+        self.ema.update(params)
         self.ema_steps = self.steps
 
     def sampling(self, policy: Policy) -> Any:
@@ -157,22 +155,22 @@ class AWM(OptimizerHooks):
     def on_step(self, policy: Policy) -> None:
         self.steps += 1
         if self.options.ema_update == "step":
-            self._update_ema()
+            self._update_ema(policy)
 
     def on_epoch_end(self, policy: Policy) -> None:
         """Fold the epoch's steps into the EMA policy with `ema_update: epoch`, as the reference does."""
         if self.options.ema_update == "epoch":
-            self._parameters(policy)
-            self._update_ema()
+            self._update_ema(policy)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "ema_steps": self.ema_steps,
                 "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state; `setup` comes first (it creates the EMA policy this fills)."""
         if self._needs_ema and self.ema is None and state.get("ema") is not None:
-            self._pending_state = state  # applied by setup(), once the parameters are known
-            return
+            raise FlowFactoryError("optimizer `awm`: load_state_dict(state) needs setup(policy, sampler) first, "
+                                   "which creates the EMA policy the state fills (the loop calls them in that order)")
         self.steps, self.ema_steps = int(state["steps"]), int(state["ema_steps"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])

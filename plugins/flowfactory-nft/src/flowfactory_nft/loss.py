@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from flowfactory.errors import FlowFactoryError
 from flowfactory.seeding import randn_per_sample, sample_seed
 from flowfactory.train.ema import EMA
+from flowfactory.train.state import named_trainable
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
 
 
@@ -118,19 +120,15 @@ class NFT(OptimizerHooks):
         self.steps = 0  # optimizer steps taken (drives the decay schedule)
         self.last_decay = 0.0
         self._ema: EMA | None = None
-        self._stashed: dict[str, Any] | None = None  # EMA state loaded before the EMA existed
 
     # --- the old (sampling) policy ----------------------------------------------------------------------
-    def _old(self, params: list[torch.nn.Parameter]) -> EMA:
-        """The old policy's EMA, created from the trainable parameters on first use."""
+    def _old(self, params: dict[str, torch.Tensor]) -> EMA:
+        """The old policy's EMA, created from the named trainable parameters on first use."""
         if self._ema is None:
             self._ema = EMA(params, 0.0)
-            if self._stashed is not None:
-                self._ema.load_state_dict(self._stashed)
-                self._stashed = None
         return self._ema
 
-    def _move_old(self, params: list[torch.nn.Parameter]) -> None:
+    def _move_old(self, params: dict[str, torch.Tensor]) -> None:
         """old <- d old + (1 - d) theta with the scheduled decay d."""
         o = self.options
         ema = self._old(params)
@@ -140,12 +138,12 @@ class NFT(OptimizerHooks):
 
     def setup(self, policy: Policy, sampler: Sampler) -> None:
         """Any sampler serves (rollouts are deterministic); creates the old policy from the current weights."""
-        self._old(policy.trainable_parameters())
+        self._old(named_trainable(policy))
 
     @contextmanager
     def sampling(self, policy: Policy) -> Iterator[None]:
         """Roll out with the old policy's weights; the trained weights come back after."""
-        params = policy.trainable_parameters()
+        params = named_trainable(policy)
         with self._old(params).swapped(params):
             yield
 
@@ -153,26 +151,27 @@ class NFT(OptimizerHooks):
         """Count the step; move the old policy now with `old_update: step`."""
         self.steps += 1
         if self.options.old_update == "step":
-            self._move_old(policy.trainable_parameters())
+            self._move_old(named_trainable(policy))
 
     def on_epoch_end(self, policy: Policy) -> None:
         """Move the old policy once per epoch with `old_update: epoch`, as the reference does."""
         if self.options.old_update == "epoch":
-            self._move_old(policy.trainable_parameters())
+            self._move_old(named_trainable(policy))
 
     def state_dict(self) -> dict[str, Any]:
-        ema = self._ema.state_dict() if self._ema is not None else self._stashed
-        return {"steps": self.steps, "last_decay": self.last_decay, "ema": ema}
+        return {"steps": self.steps, "last_decay": self.last_decay,
+                "ema": self._ema.state_dict() if self._ema is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state; `setup` comes first (it creates the old policy this fills)."""
         if not state:
             return
         self.steps, self.last_decay = int(state["steps"]), float(state["last_decay"])
         if state.get("ema") is not None:
-            if self._ema is not None:
-                self._ema.load_state_dict(state["ema"])
-            else:
-                self._stashed = state["ema"]
+            if self._ema is None:
+                raise FlowFactoryError("optimizer `nft`: load_state_dict(state) needs setup(policy, sampler) first, "
+                                       "which creates the old policy the state fills (the loop calls them in that order)")
+            self._ema.load_state_dict(state["ema"])
 
     # --- the loss ---------------------------------------------------------------------------------------
     def units(self, batch: TrainBatch) -> list[NFTUnit]:
@@ -187,7 +186,7 @@ class NFT(OptimizerHooks):
 
     def loss(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: NFTUnit) -> LossOutput:
         o = self.options
-        params = policy.trainable_parameters()
+        params = named_trainable(policy)
         final = batch.trajectory.final
         x0 = final.float()
         eps = randn_per_sample(tuple(x0.shape[1:]), [torch.Generator().manual_seed(s) for s in unit.seeds],
