@@ -329,6 +329,10 @@ class DiffusersPolicyBase:
         if self._frozen_copy is not None:
             self._frozen_copy.to(device)
 
+    def frozen_copies(self) -> list[nn.Module]:
+        """A full finetune's frozen reference copy (when kept), which the loop shards like `module` under FSDP."""
+        return [self._frozen_copy] if self._frozen_copy is not None else []
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LoRA weights (float32), or every transformer parameter (but dead modules') for a full finetune.
 

@@ -90,6 +90,10 @@ class ToyPolicy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
 
+    def frozen_copies(self) -> list[nn.Module]:
+        """The frozen reference net, which the loop shards like `module` under FSDP."""
+        return [self._frozen]
+
     @contextmanager
     def reference(self) -> Iterator[None]:
         self._reference = self._frozen

@@ -152,8 +152,10 @@ def problem(path: Path) -> str | None:
 
 
 def latest(root: Path, notes: list[str] | None = None) -> Path | None:
-    """The newest intact checkpoint; each newer damaged one is skipped with a note in `notes`."""
+    """The newest intact checkpoint; each newer damaged one is skipped with a note in `notes`. A checkpoint
+    holding a pickle is not skipped but refused: someone put it there, and the user must decide."""
     for path in reversed(complete(root)):
+        refuse_pickles(path)
         why = problem(path)
         if why is None:
             return path
