@@ -199,3 +199,39 @@ def test_fsdp_halves_the_resident_parameter_and_optimizer_bytes():
                          check=True, capture_output=True, text=True, env=ENV, timeout=300)
     ratio = [float(ln.split()[-1]) for ln in res.stdout.splitlines() if ln.startswith("fsdp2 2-process ratio")]
     assert ratio and 0.45 <= ratio[0] <= 0.55, res.stdout
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fsdp_tiny_flux_through_accelerate_launch_equals_one_process(tmp_path, lora):
+    """The documented launch line, `accelerate launch --multi_gpu --num_processes 2 -m flowfactory_cli run`, with
+    train.parallel.strategy: fsdp on the tiny FLUX: final/ (gathered from the shards) holds the 1-process weights
+    and loads with stock diffusers."""
+    import yaml
+    from safetensors.torch import load_file
+
+    cfg = yaml.safe_load((HERE.parents[1] / "examples" / "quickstart.yaml").read_text())
+    cfg["train"].update(epochs=2, eval_every=0, sample_every=0, checkpoint_every=0, **FSDP)
+    if lora:
+        cfg["policy"]["options"]["lora"] = {"rank": 4}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    subprocess.run(["ff", "run", str(path), "--output", str(tmp_path / "one")], check=True, env=ENV, timeout=300,
+                   capture_output=True)
+    res = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29539",
+                          "-m", "flowfactory_cli", "run", str(path), "--output", str(tmp_path / "two")],
+                         env=ENV, timeout=300, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "returned a view tensor" not in res.stderr
+    name = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "one" / "final" / name), load_file(tmp_path / "two" / "final" / name)
+    assert a.keys() == b.keys() and len(a) == (44 if lora else 108)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert [r["reward/mean"] for r in rows(tmp_path / "one")] == pytest.approx(
+        [r["reward/mean"] for r in rows(tmp_path / "two")], abs=1e-5)
+    if not lora:
+        from diffusers import FluxTransformer2DModel
+
+        loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "two" / "final" / "transformer")
+        assert sum(p.numel() for p in loaded.parameters()) == 7_076_752
