@@ -135,3 +135,14 @@ def test_readme_config_walkthrough_validates():
     block = re.search(r"## A config, walked through.*?```yaml\n(.*?)```", text, flags=re.S).group(1)
     cfg, options = validate(yaml.safe_load(block), "README.md")
     assert cfg.policy.name == "flux" and options["sampler"].sde_window_size == 2
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_accelerate_presets_load_and_are_named_in_the_readme(name):
+    """The shipped launch presets are valid Accelerate configs, and the README shows their launch lines."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == "MULTI_GPU" and config.num_processes == 8
+    assert f"--config_file configs/accelerate/{name}.yaml" in (ROOT / "README.md").read_text()

@@ -200,8 +200,7 @@ class Recipe:
         cache_dir = self.t.conditioning_cache
         if cache_dir is not None and not Path(cache_dir).is_absolute() and not self.source.startswith("<"):
             cache_dir = str(Path(self.source).parent / cache_dir)
-        on_disk = {"directory": Path(cache_dir)} if cache_dir else {}
-        self.encode = ConditioningCache(self.policy, capacity=512, **on_disk)
+        self.encode = ConditioningCache(self.policy, capacity=512, directory=cache_dir)
 
     def _parallelize(self) -> None:
         """Shard (FSDP2) or wrap (DDP) the trained module, then set up the algorithm, AdamW and the EMA over the
