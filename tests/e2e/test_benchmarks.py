@@ -43,3 +43,37 @@ def test_memory_benchmark_halves_a_full_finetune_without_reference() -> None:
     ratios = dict(re.findall(r"^(flux|sd3|qwen-image|wan)\s+\S+ MB\s+\S+ MB\s+(\d\.\d{3})$", result.stdout, flags=re.M))
     assert ratios == {"flux": "0.500", "sd3": "0.500", "qwen-image": "0.500", "wan": "0.500"}, result.stdout
     assert "FLUX.1-dev transformer: 11.90B parameters" in result.stdout
+
+
+def test_gpu_benchmark_cpu_half_reports_every_model_and_mode(tmp_path: Path) -> None:
+    """benchmarks/gpu.py --tiny: materialise, plan, run and measure each (model, mode) on one CPU process."""
+    import json
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--out", str(out),
+                             "--work", str(work), "--keep"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    rows = re.findall(r"^(flux\.1-dev|wan2\.1-t2v-1\.3b)\s+(lora|full)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S.*)$",
+                      result.stdout, flags=re.M)
+    table = {(model, mode): (int(n), float(plan), peak, float(seconds), status)
+             for model, mode, n, plan, peak, seconds, status in rows}
+    assert len(rows) == 4 and set(table) == {(m, mode) for m in ("flux.1-dev", "wan2.1-t2v-1.3b")
+                                              for mode in ("lora", "full")}, result.stdout
+    for n, plan, peak, seconds, status in table.values():
+        assert (n, peak, status) == (1, "n/a", "ok") and plan > 0 and seconds > 0
+    for model in ("flux.1-dev", "wan2.1-t2v-1.3b"):  # float32 weights and AdamW state of the whole transformer
+        assert table[(model, "full")][1] > table[(model, "lora")][1]
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["tiny"] is True and report["device"]["kind"] == "cpu"
+    for r in report["results"]:
+        assert r["epochs_timed"] == 1 and r["peak_gib"] is None
+        assert round(r["plan_gib"], 4) == table[(r["model"], r["mode"])][1]
+    assert "| flux.1-dev | lora | 1 |" in (out / "results.md").read_text()
+
+    # the plan column is `ff plan`'s device total for the same config
+    plan = subprocess.run([sys.executable, "-m", "flowfactory_cli", "plan", str(work / "flux.1-dev-lora.yaml"),
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr
+    expected = next(r["plan_gib"] for r in report["results"] if (r["model"], r["mode"]) == ("flux.1-dev", "lora"))
+    assert json.loads(plan.stdout)["device_total"] / 1024 ** 3 == pytest.approx(expected, rel=1e-12)
