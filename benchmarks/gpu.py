@@ -302,6 +302,13 @@ def launch(config: Path, overrides: list[str], out: Path, processes: int, tiny: 
         return subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
 
 
+def too_big(plan: float, memory: int | None) -> str | None:
+    """Why a run planned at `plan` GiB per process is not launched on devices of `memory` bytes, or None."""
+    if memory is None or plan * GIB <= SKIP_FRACTION * memory:
+        return None
+    return f"skipped: plan > {SKIP_FRACTION * memory / GIB:.0f} GiB of the GPU"
+
+
 def measure(result: Result, out: Path) -> None:
     """Fill `result` from a finished run's metrics.jsonl and its processes' peak-memory records."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -321,13 +328,14 @@ def _fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-HEADER = ("model", "mode", "processes", "plan GiB", "peak GiB", "s/epoch", "status")
+HEADER = ("model", "mode", "processes", "plan GiB", "peak GiB", "peak-plan GiB", "s/epoch", "status")
 
 
 def table_rows(results: list[Result], digits: int) -> list[tuple[str, ...]]:
     """The report's cells, as printed."""
     return [(r.model, r.mode, str(r.processes), _fmt(r.plan_gib, digits), _fmt(r.peak_gib, digits),
-             _fmt(r.s_per_epoch, 2), r.status) for r in results]
+             _fmt(None if r.peak_gib is None else r.peak_gib - r.plan_gib, digits), _fmt(r.s_per_epoch, 2), r.status)
+            for r in results]
 
 
 def print_table(rows: list[tuple[str, ...]]) -> str:
@@ -346,8 +354,9 @@ def markdown(rows: list[tuple[str, ...]], meta: dict[str, Any]) -> str:
              "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "plan: `ff plan`'s device memory per process, activations excluded. peak: "
-              "`torch.cuda.max_memory_allocated` over the whole run, the largest of the processes. s/epoch: mean "
-              "`time/epoch_s` without the first epoch.", ""]
+              "`torch.cuda.max_memory_allocated` over the whole run, the largest of the processes; peak-plan: what "
+              "the plan does not count (activations, temporary buffers). s/epoch: mean `time/epoch_s` without the "
+              "first epoch.", ""]
     for key, shape in meta["runs"].items():
         lines.append(f"- {key}: {shape}")
     return "\n".join(lines) + "\n"
@@ -407,12 +416,13 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
                 shapes[key] = (f"{size}, {model.sampler['steps']} steps (SDE window {model.sampler['sde_window_size']}),"
                                f" {model.prompts_per_process} prompt(s) x group {GROUP_SIZE} per process, "
                                f"{epochs} epochs, {'LoRA rank 32' if mode == 'lora' else 'full finetune'}, "
-                               f"fsdp over {processes} process{'es' if processes > 1 else ''}")
+                               + (f"fsdp over {processes} processes" if processes > 1
+                                  else "1 process (fsdp over one process shards nothing)"))
                 result = Result(model.key, mode, processes, plan_gib(config, args.set, processes))
                 results.append(result)
-                limit = device.get("memory")
-                if limit and result.plan_gib * GIB > SKIP_FRACTION * limit and not args.force:
-                    result.status = f"skipped: plan > {SKIP_FRACTION * limit / GIB:.0f} GiB of the GPU"
+                skip = None if args.force else too_big(result.plan_gib, device.get("memory"))
+                if skip:
+                    result.status = skip
                     print(f"[{key}] {result.status}", flush=True)
                     continue
                 run_dir = work / "runs" / f"{model.key}-{mode}"
@@ -423,7 +433,8 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
                       flush=True)
                 code = launch(config, args.set, run_dir, processes, tiny, log)
                 if code:
-                    oom = "OutOfMemoryError" in log.read_text(errors="replace")
+                    text = log.read_text(errors="replace")
+                    oom = "OutOfMemoryError" in text or "CUDA out of memory" in text
                     result.status = "out of memory" if oom else f"failed (exit {code}): {_tail(log)}"
                 else:
                     measure(result, run_dir)
