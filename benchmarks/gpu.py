@@ -197,7 +197,11 @@ def device_info() -> dict[str, Any]:
 def _worker_materialise(args: list[str]) -> None:
     """`--worker materialise INFO.json DEVICE DTYPE [KEY DEST TINY]...`: build folders, write device info."""
     info_path, device, dtype_name, rest = Path(args[0]), args[1], args[2], args[3:]
-    info_path.write_text(json.dumps(device_info()))
+    info = device_info()
+    info_path.write_text(json.dumps(info))
+    if device == "cuda" and info["kind"] != "cuda":
+        raise SystemExit("gpu.py: no CUDA device (torch.cuda.is_available() is False); run with --tiny for the "
+                         "CPU half")
     for key, dest, tiny in zip(rest[0::3], rest[1::3], rest[2::3], strict=True):
         model = next(m for m in MODELS.values() if m.key == key)
         materialise(CONFIGS / key, Path(dest), device=device, dtype_name=dtype_name,
@@ -297,7 +301,6 @@ def launch(config: Path, overrides: list[str], out: Path, processes: int, tiny: 
     if tiny:  # the CPU half stays on the CPU even where a GPU is present; one thread per process (no contention)
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
         env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     with log.open("w") as fh:
         return subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
 
@@ -403,8 +406,6 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
             if code:
                 raise SystemExit(f"gpu.py: materialising {model.key} failed (exit {code})")
             device = json.loads(info.read_text())
-            if not tiny and device["kind"] != "cuda":
-                raise SystemExit("gpu.py: no CUDA device; run with --tiny for the CPU half")
             processes = args.processes or (1 if tiny else device["count"])
             for mode in args.modes:
                 key = f"{model.key}/{mode}"
