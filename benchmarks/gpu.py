@@ -378,6 +378,17 @@ def _tail(log: Path) -> str:
     return lines[-1][:160] if lines else "no output"
 
 
+def write_report(out_dir: Path, results: list[Result], device: dict[str, Any], shapes: dict[str, str], tiny: bool,
+                 digits: int) -> list[tuple[str, ...]]:
+    """results.json and results.md with the rows so far; returns the table's cells."""
+    rows = table_rows(results, digits)
+    meta = {"date": datetime.date.today().isoformat(), "commit": _commit(), "tiny": tiny, "device": device,
+            "runs": shapes}
+    (out_dir / "results.json").write_text(json.dumps({**meta, "results": [asdict(r) for r in results]}, indent=2))
+    (out_dir / "results.md").write_text(markdown(rows, meta))
+    return rows
+
+
 def benchmark(args: argparse.Namespace) -> list[Result]:
     """Materialise, plan, run and measure every (model, mode); print and write the report."""
     import yaml
@@ -441,6 +452,7 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
                     measure(result, run_dir)
                 print(f"[{key}] {result.status}: peak {_fmt(result.peak_gib, digits)} GiB, "
                       f"{_fmt(result.s_per_epoch, 2)} s/epoch", flush=True)
+                write_report(out_dir, results, device, shapes, tiny, digits)  # a cut-short session keeps its rows
                 if not args.keep:
                     shutil.rmtree(run_dir, ignore_errors=True)
             if not args.keep:
@@ -448,11 +460,7 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    rows = table_rows(results, digits)
-    meta = {"date": datetime.date.today().isoformat(), "commit": _commit(), "tiny": tiny, "device": device,
-            "runs": shapes}
-    (out_dir / "results.json").write_text(json.dumps({**meta, "results": [asdict(r) for r in results]}, indent=2))
-    (out_dir / "results.md").write_text(markdown(rows, meta))
+    rows = write_report(out_dir, results, device, shapes, tiny, digits)
     print()
     print(print_table(rows))
     print(f"\nplan: `ff plan` per process, activations excluded; peak: max_memory_allocated, largest process; "
