@@ -233,7 +233,8 @@ class DiffusersPolicyBase:
         for name, (library, class_name) in list(src.deferred.items()):
             try:
                 cls = getattr(importlib.import_module(library), class_name)
-                module = cls.from_pretrained(str(src.folder), subfolder=name, dtype=src.text_encoder_dtype)
+                with quiet_loading():
+                    module = cls.from_pretrained(str(src.folder), subfolder=name, dtype=src.text_encoder_dtype)
             except (OSError, ImportError, AttributeError, ValueError) as exc:
                 raise FlowFactoryError(
                     f"{self.name} policy option model={src.model!r}: its text encoder {name} ({library}."
@@ -509,6 +510,27 @@ def training_kwargs(options: Any, ctx: BuildContext) -> dict[str, Any]:
                 vae_decode_chunk=options.vae_decode_chunk)
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars and no info/warning logs from diffusers and transformers while a pipeline loads
+    ("Loading pipeline components...", "Loading checkpoint shards"): they would interleave with `ff run`'s
+    own output. Errors still show; the previous settings come back afterwards."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
 def load_pipeline(pipeline_cls: type, model: str, revision: str | None, dtype: dict[str, torch.dtype], *,
                   policy: str, example: str, gated: str = "", defer_text_encoders: bool = False) -> Any:
     """`pipeline_cls.from_pretrained` with errors that name the policy's `model` option and the fix.
@@ -530,12 +552,13 @@ def load_pipeline(pipeline_cls: type, model: str, revision: str | None, dtype: d
                 f"{policy} policy option model={model!r}: the folder has no model_index.json, so it is not a "
                 f"diffusers pipeline; point it at the folder {cls_name}.save_pretrained wrote.")
     try:
-        folder = path if is_local else Path(pipeline_cls.download(model, revision=revision))
-        index = json.loads((folder / "model_index.json").read_text())
-        deferred = {name: (str(spec[0]), str(spec[1])) for name, spec in index.items()
-                    if defer_text_encoders and name.startswith(TEXT_ENCODER) and isinstance(spec, list)
-                    and len(spec) == 2 and spec[0] is not None and spec[1] is not None}
-        pipe = pipeline_cls.from_pretrained(str(folder), **dict.fromkeys(deferred), **{dtype_keyword(): dtype})
+        with quiet_loading():
+            folder = path if is_local else Path(pipeline_cls.download(model, revision=revision))
+            index = json.loads((folder / "model_index.json").read_text())
+            deferred = {name: (str(spec[0]), str(spec[1])) for name, spec in index.items()
+                        if defer_text_encoders and name.startswith(TEXT_ENCODER) and isinstance(spec, list)
+                        and len(spec) == 2 and spec[0] is not None and spec[1] is not None}
+            pipe = pipeline_cls.from_pretrained(str(folder), **dict.fromkeys(deferred), **{dtype_keyword(): dtype})
         if not is_local:
             pipe.register_to_config(_name_or_path=model)  # the hub id, not the cache folder, names the base
         pipe._flowfactory_source = PipelineSource(model, revision, folder.resolve(), dtype["default"], policy,
