@@ -111,8 +111,12 @@ def test_validate_unknown_component_of_a_failed_plugin_mentions_it(cli, config_f
 
 # --- run ---------------------------------------------------------------------------------------------------
 
-def test_run_passes_the_validated_config_and_prints_the_summary(cli, config_file, fake_run,
-                                                                tmp_path: Path) -> None:
+def test_run_passes_the_validated_config_and_prints_the_summary(cli, config_file, fake_run, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # SUMMARY's relative paths; the panel lists only those that exist
+    for folder in ("out/run/final", "out/run/samples"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "out/run/metrics.jsonl").write_text("")
     path = config_file()
     out_dir = tmp_path / "out"
     result = cli("run", str(path), "--set", "train.epochs=9", "--output", str(out_dir), "--resume")
@@ -125,7 +129,7 @@ def test_run_passes_the_validated_config_and_prints_the_summary(cli, config_file
     assert (call["output_dir"], call["resume"], call["source"]) == (str(out_dir), True, str(path))
     grid = _grid(result.stdout)
     assert grid["epochs"] == "12 (resumed after epoch 6)"
-    assert grid["mean reward"].startswith("0.2500 -> 0.7500 (+0.5000)")
+    assert grid["mean reward"] == "0.2500 -> 0.7500 (+0.5000), first vs last 5 epochs"
     assert grid["output"] == "out/run"
     assert grid["final model"] == "out/run/final"
     assert grid["metrics"] == "out/run/metrics.jsonl"
@@ -203,3 +207,27 @@ def test_only_rank_zero_prints_the_summary(cli, config_file, fake_run, monkeypat
     assert result.stdout == ""
     monkeypatch.setenv("RANK", "0")
     assert "run finished" in cli("run", str(config_file())).stdout
+
+
+@pytest.mark.parametrize(("window", "expected"), [
+    (3, "0.2500 -> 0.7500 (+0.5000), first vs last 3 epochs"),
+    (1, "0.2500 -> 0.7500 (+0.5000), first vs last epoch"),
+    (0, "run too short to compare (one epoch)"),
+])
+def test_summary_panel_names_its_windows_and_lists_only_written_paths(tmp_path: Path, window: int,
+                                                                     expected: str) -> None:
+    from rich.console import Console
+
+    from flowfactory_cli.render import run_summary_panel
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("")
+    summary = RunSummary(output_dir=str(tmp_path), epochs=6, reward_first=0.25, reward_last=0.75,
+                         final_dir=str(tmp_path / "final"), metrics_path=str(tmp_path / "metrics.jsonl"),
+                         samples_dir=str(tmp_path / "samples"), wall_seconds=3.0, resumed_from=None, window=window)
+    console = Console(width=400, record=True)
+    console.print(run_summary_panel(summary))
+    grid = _grid(console.export_text())
+    assert grid["mean reward"] == expected
+    assert grid["final model"] == str(tmp_path / "final")
+    assert "samples" not in grid  # never written (sample_every: 0)

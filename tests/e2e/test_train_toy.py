@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -312,3 +313,19 @@ def test_policy_is_built_with_a_reference_only_when_the_algorithm_uses_it(toy_re
     path = toy_config(train={"epochs": 1, "eval_every": 0, "sample_every": 0, "checkpoint_every": 0}, **sections)
     train(path, tmp_path / "r")
     assert seen == [reference]
+
+
+@pytest.mark.parametrize(("epochs", "window"), [(1, 0), (3, 1), (8, 4), (12, 5)])
+def test_summary_compares_windows_that_do_not_overlap(toy_registry, toy_config, tmp_path, epochs, window):
+    """A run shorter than 10 epochs compares its first and last floor(n / 2) epochs, one epoch is too short
+    to compare, and a run that wrote no sample grid names no samples folder."""
+    out = tmp_path / "run"
+    summary = train(toy_config(train={"epochs": epochs, "sample_every": 0, "eval_every": 0, "checkpoint_every": 0}), out)
+    rewards = [r["reward/mean"] for r in rows(out)]
+    assert summary.window == window
+    if window:
+        assert summary.reward_first == pytest.approx(sum(rewards[:window]) / window)
+        assert summary.reward_last == pytest.approx(sum(rewards[-window:]) / window)
+    else:
+        assert math.isnan(summary.reward_first) and math.isnan(summary.reward_last)
+    assert summary.samples_dir is None and not (out / "samples").exists()

@@ -6,6 +6,7 @@ command is drawn from those rows, so both outputs always agree.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -142,11 +143,17 @@ def run_summary_panel(summary: Any) -> Panel:
         epochs += f" (resumed after epoch {summary.resumed_from})"
     grid.add_row("epochs", epochs)
     first, last = float(summary.reward_first), float(summary.reward_last)
-    grid.add_row("mean reward", f"{first:.4f} -> {last:.4f} ({last - first:+.4f}), first vs last 5 epochs")
+    window = int(getattr(summary, "window", 5))
+    if window > 0:
+        what = "epoch" if window == 1 else f"{window} epochs"
+        grid.add_row("mean reward", f"{first:.4f} -> {last:.4f} ({last - first:+.4f}), first vs last {what}")
+    else:
+        grid.add_row("mean reward", "run too short to compare (one epoch)")
     grid.add_row("output", escape(str(summary.output_dir)))
-    grid.add_row("final model", escape(str(summary.final_dir)))
-    grid.add_row("metrics", escape(str(summary.metrics_path)))
-    grid.add_row("samples", escape(str(summary.samples_dir)))
+    for label, path in (("final model", summary.final_dir), ("metrics", summary.metrics_path),
+                        ("samples", summary.samples_dir)):
+        if path is not None and Path(path).exists():  # only what the run wrote
+            grid.add_row(label, escape(str(path)))
     grid.add_row("wall time", duration(float(summary.wall_seconds)))
     return Panel(grid, title="run finished", title_align="left", expand=False)
 

@@ -93,3 +93,13 @@ def _grid(images: torch.Tensor, captions: list[str], columns: int, cell: int) ->
         for k, ln in enumerate(lines):
             draw.text((x + 2, y + ch + 2 + 12 * k), ln, fill="black", font=font)
     return grid
+
+
+def reward_windows(rewards: list[float], most: int = 5) -> tuple[float, float, int]:
+    """(mean of the first w, mean of the last w, w) for a run's per-epoch mean rewards, w = min(most, n // 2):
+    the two windows never overlap, so a short run is not compared with itself. w = 0 (and NaN means) when the
+    run has fewer than two epochs: too short to compare."""
+    w = min(most, len(rewards) // 2)
+    if w == 0:
+        return math.nan, math.nan, 0
+    return sum(rewards[:w]) / w, sum(rewards[-w:]) / w, w

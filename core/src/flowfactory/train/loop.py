@@ -40,7 +40,7 @@ from flowfactory.train.advantages import compute_advantages
 from flowfactory.train.conditioning import ConditioningCache
 from flowfactory.train.data import load_prompts
 from flowfactory.train.ema import EMA
-from flowfactory.train.logging import MetricsLog, save_grid
+from flowfactory.train.logging import MetricsLog, reward_windows, save_grid
 from flowfactory.train.rewards import RewardSet
 from flowfactory.train.state import init_optimizer_state, named_trainable, optimizer_state, raw_module
 from flowfactory.types import Conditioning, OptimizerHooks, Samples, TrainBatch, Trajectory, select_rows
@@ -56,9 +56,10 @@ class RunSummary:
     reward_last: float
     final_dir: str
     metrics_path: str
-    samples_dir: str
+    samples_dir: str | None  # None when the run wrote no sample grid
     wall_seconds: float
     resumed_from: int | None
+    window: int = 5  # epochs in each of the two compared reward windows; 0: too short to compare
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Rollouts:
     group_ids: list[int]
     trajectory: Trajectory
     cond: Conditioning
-    media: torch.Tensor  # decoded images [B, C, H, W] or videos [B, T, C, H, W] in [0, 1]
+    media: torch.Tensor | None  # decoded images [B, C, H, W] or videos [B, T, C, H, W] in [0, 1]; None once scored
 
 
 def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = None, resume: bool = False,
@@ -303,7 +304,14 @@ class Recipe:
         except Exception as exc:  # agreed on below, so every process stops, not only this one
             error = exc
         self._agree(error)
-        assert roll is not None and per_reward is not None and total is not None
+        assert roll is not None and roll.media is not None and per_reward is not None and total is not None
+        # decoded samples leave the device once scored: the sample grid keeps its few rows on the CPU
+        t = self.t
+        grid = None
+        if self.main and t.sample_every and (epoch % t.sample_every == 0 or epoch == t.epochs):
+            first = [i for i in range(self.n_local) if i % t.group_size == 0][:16]
+            grid = (roll.media[first].cpu(), [f"{prompts[i]} | {float(total[i]):.3f}" for i in first])
+        roll.media = None
         gathered = {k: self.accelerator.gather(v.to(self.device)).cpu() for k, v in per_reward.items()}
         adv_all, reward_all = compute_advantages(gathered, self.rewards.weights, group_ids, std=self.t.adv_std,
                                                  clip=self.t.adv_clip, combine=self.t.reward_combine)
@@ -318,11 +326,8 @@ class Recipe:
             row[f"reward/{name}/mean"] = float(vals.mean())
         row.update(stats)
         row["time/rollout_s"], row["time/train_s"] = t1 - t0, t2 - t1
-        t = self.t
-        if self.main and t.sample_every and (epoch % t.sample_every == 0 or epoch == t.epochs):
-            first = [i for i in range(self.n_local) if i % t.group_size == 0][:16]
-            save_grid(roll.media[first], [f"{prompts[i]} | {float(total[i]):.3f}" for i in first],
-                      self.out / "samples" / f"train-{epoch:06d}.png")
+        if grid is not None:
+            save_grid(*grid, self.out / "samples" / f"train-{epoch:06d}.png")
         if self.eval_prompts and t.eval_every and (epoch % t.eval_every == 0 or epoch == t.epochs):
             row.update(self.evaluate(epoch))
         row["time/epoch_s"] = time.perf_counter() - t0
@@ -438,7 +443,7 @@ class Recipe:
             mine += [mine[-1] if mine else 0] * (per - len(mine))
         scores = torch.full((per, len(self.rewards) + 1), float("nan"), device=self.device)
         error: BaseException | None = None
-        roll = None
+        roll = media = None
         try:
             if mine:
                 prompts = [prompts_all[i] for i in mine]
@@ -449,14 +454,15 @@ class Recipe:
                 per_reward, total = self.rewards.score(Samples(prompts=prompts[:n_real],
                                                                **_media(roll.media[:n_real])))
                 scores[:n_real] = torch.stack([total, *per_reward.values()], 1).to(scores)
+                media = roll.media[:n_real].cpu() if self.main else None
+                roll = None
         except Exception as exc:
             error = exc
         self._agree(error)
         allscores = self.accelerator.gather(scores)
         allscores = allscores[~allscores[:, 0].isnan()].cpu()
-        if self.main and roll is not None:
-            save_grid(roll.media[:n_real], [prompts_all[i] for i in mine[:n_real]],
-                      self.out / "samples" / f"eval-{epoch:06d}.png")
+        if media is not None:
+            save_grid(media, [prompts_all[i] for i in mine[:n_real]], self.out / "samples" / f"eval-{epoch:06d}.png")
         row = {"eval/reward/mean": float(allscores[:, 0].mean())}
         for j, name in enumerate(self.rewards.names, 1):
             row[f"eval/reward/{name}/mean"] = float(allscores[:, j].mean())
@@ -508,14 +514,13 @@ class Recipe:
                     self.policy.save(str(final / "ema"))
         acc.wait_for_everyone()
         rows = _read_rows(self.out / "metrics.jsonl")
-        first5 = [r["reward/mean"] for r in rows[:5]]
-        last5 = [r["reward/mean"] for r in rows[-5:]]
-        return RunSummary(output_dir=str(self.out), epochs=self.last_logged,
-                          reward_first=float(np.mean(first5)) if first5 else math.nan,
-                          reward_last=float(np.mean(last5)) if last5 else math.nan, final_dir=str(final),
-                          metrics_path=str(self.out / "metrics.jsonl"), samples_dir=str(self.out / "samples"),
+        reward_first, reward_last, window = reward_windows([r["reward/mean"] for r in rows])
+        samples = self.out / "samples"
+        return RunSummary(output_dir=str(self.out), epochs=self.last_logged, reward_first=reward_first,
+                          reward_last=reward_last, final_dir=str(final), metrics_path=str(self.out / "metrics.jsonl"),
+                          samples_dir=str(samples) if samples.is_dir() else None,
                           wall_seconds=time.perf_counter() - self.t_start,
-                          resumed_from=self.start_epoch if self.resume_from is not None else None)
+                          resumed_from=self.start_epoch if self.resume_from is not None else None, window=window)
 
 
 class AlgorithmHooks:
