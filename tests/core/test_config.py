@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 from flowfactory import config as ff_config
+from flowfactory import hookimpl
+from flowfactory.config import PATH_OR_HUB_ID
 from flowfactory.errors import ConfigError, FlowFactoryError
 
 
@@ -227,3 +230,47 @@ def test_a_dumped_config_loads_back_equal(plugin_state, config_file, tmp_path: P
     again, again_options = ff_config.load(path, registry=plugin_state.registry)
     assert again == cfg
     assert again_options == options
+
+
+class _PathOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="A pipeline folder or hub id.", json_schema_extra=PATH_OR_HUB_ID)
+
+
+class _PathPolicyPlugin:
+    @hookimpl
+    def register_policies(self, register):
+        register("path-policy", lambda options, ctx: options, options=_PathOptions, summary="Test: a path option.")
+
+
+@pytest.fixture
+def path_registry(make_state, components_plugin):
+    return make_state(components_plugin, _PathPolicyPlugin()).registry
+
+
+def _with_model(config_file, value: str) -> Path:
+    return config_file(policy={"name": "path-policy", "options": {"model": value}})
+
+
+def test_a_relative_model_folder_resolves_against_the_configs_folder(path_registry, config_file, tmp_path,
+                                                                   monkeypatch) -> None:
+    """Like data.train: the config's folder first, then the working directory; the run gets the absolute path."""
+    (tmp_path / "pipelines" / "tiny").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory has no such folder
+    _, options = ff_config.load(_with_model(config_file, "pipelines/tiny"), registry=path_registry)
+    assert options["policy"].model == str((tmp_path / "pipelines" / "tiny").resolve())
+    (elsewhere / "cwd-only").mkdir()
+    _, options = ff_config.load(_with_model(config_file, "cwd-only"), registry=path_registry)
+    assert options["policy"].model == str((elsewhere / "cwd-only").resolve())
+
+
+def test_a_hub_id_stays_and_a_missing_local_folder_is_a_config_error(path_registry, config_file) -> None:
+    _, options = ff_config.load(_with_model(config_file, "black-forest-labs/FLUX.1-dev"), registry=path_registry)
+    assert options["policy"].model == "black-forest-labs/FLUX.1-dev"
+    for missing in ("./pipelines/none", "/no/such/folder", "a/b/c"):
+        with pytest.raises(ConfigError) as exc:
+            ff_config.load(_with_model(config_file, missing), registry=path_registry)
+        msg = _problems(exc)["policy.options.model"]
+        assert f"{missing!r} is not a folder" in msg and "not a hub id (owner/name)" in msg

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -16,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flowfactory.errors import ConfigError, FlowFactoryError, UnknownComponentError
 from flowfactory.registry import BuildContext
+
+# Mark a component option that names a local folder or a hub id with `json_schema_extra=PATH_OR_HUB_ID`: a
+# relative path is then resolved like the data files (the config's folder first, then the working directory),
+# and a value that is neither an existing folder nor shaped like a hub id (owner/name) is a config error.
+PATH_OR_HUB_ID: dict[str, Any] = {"flowfactory_path": "local-or-hub"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class _Strict(BaseModel):
@@ -277,6 +284,9 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
         except ValidationError as exc:
             problems += _pydantic_problems(exc, prefix=f"{key}.options", model=spec.options,
                                            listing=f"`ff show {kind} {name}` lists the options")
+            continue
+        options[key], found = resolve_paths(options[key], _config_dir(source), f"{key}.options")
+        problems += found
 
     if cfg is not None and not problems:
         problems += _cross_checks(cfg, source)
@@ -305,6 +315,38 @@ def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str,
     if problem:
         return ("sampler.name", f"optimizer {cfg.optimizer.name!r} cannot use sampler {cfg.sampler.name!r}: {problem}")
     return None
+
+
+def _config_dir(source: str) -> Path | None:
+    return Path(source).parent if source and not source.startswith("<") else None
+
+
+def resolve_paths(options: BaseModel, base: Path | None, location: str) -> tuple[BaseModel, list[tuple[str, str]]]:
+    """`options` with every field marked PATH_OR_HUB_ID resolved: a relative path that exists under the config's
+    folder (`base`), else under the working directory, becomes that absolute folder; a hub-id-shaped value that
+    exists in neither stays a hub id; anything else is a problem at its location."""
+    updates: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for name, field in type(options).model_fields.items():
+        value = getattr(options, name)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if isinstance(value, BaseModel):
+            new, found = resolve_paths(value, base, f"{location}.{name}")
+            problems += found
+            if new is not value:
+                updates[name] = new
+        elif extra.get("flowfactory_path") == "local-or-hub" and isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            tried = [path] if path.is_absolute() else ([base / path] if base is not None else []) + [Path.cwd() / path]
+            found_at = next((c for c in tried if c.exists()), None)
+            if found_at is not None:
+                updates[name] = str(found_at.resolve())
+            elif path.is_absolute() or not HUB_ID.match(value):
+                where = " nor ".join(str(c) for c in tried)
+                problems.append((f"{location}.{name}", f"{value!r} is not a folder (looked for {where}) and not a hub "
+                                                       f"id (owner/name); give the folder a pipeline was saved to "
+                                                       f"(relative paths: to the config's folder) or a hub id"))
+    return (options.model_copy(update=updates) if updates else options), problems
 
 
 def _cross_checks(cfg: RunConfig, source: str) -> list[tuple[str, str]]:

@@ -6,6 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flowfactory.config import PATH_OR_HUB_ID
+
 # The attention projections of both streams of an MMDiT (FLUX, SD3): image stream, then text stream.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     "to_q", "to_k", "to_v", "to_out.0",  # image-stream attention (double and single blocks)
@@ -42,8 +44,9 @@ class DiffusersPolicyOptions(BaseModel):
     pipeline_name: ClassVar[str] = "diffusers pipeline"  # named in the error when model/preset are wrong
 
     model: str | None = Field(
-        None, description="Hub id or local folder of the model's diffusers pipeline, loaded with from_pretrained. "
-                          "Give this or `preset`.")
+        None, description="Hub id or local folder of the model's diffusers pipeline, loaded with from_pretrained "
+                          "(a relative folder: to the config's folder, then the working directory). Give this or "
+                          "`preset`.", json_schema_extra=PATH_OR_HUB_ID)
     preset: Literal["tiny"] | None = Field(
         None, description="tiny: a small random model of this architecture built in-process from the run seed (no "
                           "downloads; the plugin's README gives its sizes), for tests and CPU quickstarts. Give this "
