@@ -10,7 +10,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,9 +24,15 @@ from flowfactory.registry import BuildContext
 PATH_OR_HUB_ID: dict[str, Any] = {"flowfactory_path": "local-or-hub"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
+# The run seed reaches numpy's legacy global seeding (Accelerate's `set_seed`), which takes [0, 2**32 - 1].
+SEED_MAX = 2**32 - 1
+# An AdamW beta: torch.optim.AdamW takes [0, 1).
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # every float key is finite: NaN or inf is a config error at `ff validate`, not a failure after model load
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ComponentConfig(_Strict):
@@ -40,7 +46,10 @@ class ComponentConfig(_Strict):
 
 
 class RewardConfig(ComponentConfig):
-    weight: float = Field(1.0, description="Weight in the combined reward.")
+    weight: float = Field(1.0, description="Weight in the combined reward (any finite number; negative penalises).")
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds the reward's score may take per call; a call that takes longer stops the "
+                                "run (no weights changed, the last complete epoch checkpointed). null: no limit.")
 
 
 class DataConfig(_Strict):
@@ -77,13 +86,13 @@ class TrainConfig(_Strict):
     rollout_batch_size: int = Field(16, ge=1, description="Rollouts sampled at once, per process.")
     steps_per_epoch: int = Field(1, ge=1, description="Optimizer steps the epoch's samples are split into.")
     inner_epochs: int = Field(1, ge=1, description="Passes over the epoch's samples.")
-    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    max_grad_norm: float | None = Field(1.0, description="Gradient clipping; null disables.")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (> 0).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (>= 0).")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon (> 0).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (> 0); null disables.")
     adv_std: Literal["group", "global", "none"] = Field("group", description="Std used to scale advantages.")
-    adv_clip: float | None = Field(5.0, description="Advantages clipped to [-c, c]; null disables.")
+    adv_clip: float | None = Field(5.0, gt=0, description="Advantages clipped to [-c, c] (c > 0); null disables.")
     reward_combine: Literal["sum", "group-normalize"] = Field(
         "sum", description="Weighted sum of rewards, or weighted sum of per-reward group-normalised advantages.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
@@ -104,7 +113,8 @@ class TrainConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str = Field("run", description="Run name; the default output folder is runs/<name>.")
-    seed: int = Field(0, description="Seeds every random draw, keyed by (seed, epoch, sample index).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds every random draw, keyed by (seed, epoch, sample "
+                                                        "index); in [0, 2**32 - 1].")
     output_dir: str | None = Field(None, description="Defaults to runs/<name>; `ff run --output` overrides it.")
     policy: ComponentConfig = Field(description="The model being trained (`ff list policy`).")
     sampler: ComponentConfig = Field(description="How rollouts are sampled (`ff list sampler`).")
@@ -365,6 +375,9 @@ def _cross_checks(cfg: RunConfig, source: str) -> list[tuple[str, str]]:
     n = t.prompts_per_epoch * t.group_size
     if n % t.steps_per_epoch:
         probs.append(("train.steps_per_epoch", f"must divide prompts_per_epoch * group_size = {n}"))
+    if t.parallel.strategy == "fsdp" and t.mixed_precision == "fp16":
+        probs.append(("train.mixed_precision", "fp16 needs a gradient scaler, which FSDP2 sharding does not use; "
+                                               "use bf16, or train.parallel.param_dtype: bfloat16"))
     return probs
 
 

@@ -18,7 +18,7 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
 class LoraOptions(BaseModel):
     """A peft LoRA adapter on the transformer; the base weights stay frozen."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rank: int = Field(32, ge=1, description="LoRA rank r.")
     alpha: float | None = Field(
@@ -40,7 +40,7 @@ class DiffusersPolicyOptions(BaseModel):
     """Options every diffusers-pipeline policy shares: where the weights come from, dtype, LoRA or full
     finetune, gradient checkpointing. A model's options subclass it and add their own (size, guidance)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     pipeline_name: ClassVar[str] = "diffusers pipeline"  # named in the error when model/preset are wrong
 
     model: str | None = Field(

@@ -8,16 +8,16 @@ from flowfactory.hookspecs import hookimpl
 
 
 class JPEGOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     quality: int = Field(95, ge=1, le=100, description="JPEG quality used to encode each image (DDPO: 95).")
 
 
 class BrightnessOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ColourMatchOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     tolerance: float = Field(
         0.35, gt=0, description="RGB distance (in [0,1] units) at which a pixel counts half as that colour.")
     default: str | None = Field(

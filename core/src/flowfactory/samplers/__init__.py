@@ -11,14 +11,14 @@ from flowfactory.hookspecs import hookimpl
 
 
 class ODEOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(10, ge=1, description="Euler steps from sigma=1 to 0.")
 
 
 class SDEWindowOptions(BaseModel):
     """Options every SDE sampler shares: step count and which steps are stochastic (the SDE window)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(10, ge=2, description="Integration steps from sigma=1 to 0.")
     sde_window_size: int | None = Field(
         None, ge=1, description="Stochastic steps per rollout (Flow-GRPO-Fast); null: every step but the last.")

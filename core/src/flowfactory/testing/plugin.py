@@ -13,7 +13,7 @@ from flowfactory.hookspecs import hookimpl
 
 
 class ToyOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     size: int = Field(8, ge=2, description="Image side in pixels.")
     hidden: int = Field(32, ge=1)
     shift: float = Field(1.0, gt=0, description="Sigma shift of the schedule.")

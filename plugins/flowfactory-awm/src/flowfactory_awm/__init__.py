@@ -15,7 +15,7 @@ from flowfactory import hookimpl
 class AWMOptions(BaseModel):
     """Options of `awm`; names follow the reference's `config.train.*` where one exists."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     num_times: int = Field(6, ge=1, description=(
         "K: noise levels t per rollout (shared by the micro-batch for discrete and logit_normal), each its own "
         "forward/backward (reference `train_timesteps`)."))

@@ -15,7 +15,7 @@ from flowfactory import hookimpl
 class NFTOptions(BaseModel):
     """Options of `nft`; defaults follow NVlabs/DiffusionNFT (config/nft.py, config/base.py)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     beta: float = Field(1.0, gt=0, description=(
         "Implicit-policy strength: v+ = (1 - beta) v_old + beta v_theta, v- = (1 + beta) v_old - beta v_theta."))
     adv_clip: float = Field(5.0, gt=0, description=(
@@ -42,7 +42,8 @@ class NFTOptions(BaseModel):
     old_update: Literal["epoch", "step"] = Field("epoch", description=(
         "When the old policy moves toward the trained one: once per epoch after its last optimizer step "
         "(the reference), or after every optimizer step."))
-    seed: int = Field(0, description="Mixed with the run seed for the training times and forward-process noise.")
+    seed: int = Field(0, ge=0, description=(
+        "Mixed with the run seed for the training times and forward-process noise (a non-negative integer)."))
 
     @model_validator(mode="after")
     def _even_needs_k(self) -> NFTOptions:
