@@ -547,7 +547,8 @@ class RewardContract(_ComponentContract):
 
     def _check_scores(self, scores: Any, n: int) -> None:
         assert isinstance(scores, torch.Tensor), f"score must return a tensor, got {type(scores).__name__}"
-        assert scores.dtype == torch.float32, f"score dtype {scores.dtype}, expected float32"
+        assert scores.dtype == torch.float32, (f"score dtype {scores.dtype}, expected float32 (the core checks it "
+                                               f"and never casts: `return scores.float()`)")
         assert tuple(scores.shape) == (n,), f"score shape {tuple(scores.shape)}, expected [{n}]"
         assert torch.isfinite(scores).all(), f"score has NaN or inf: {scores.tolist()}"
 

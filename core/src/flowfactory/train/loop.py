@@ -196,7 +196,8 @@ class Recipe:
         policy_ctx = replace(ctx, reference=self.algorithm.requirements.reference)
         self.policy = registry.get("policy", cfg.policy.name).create(options["policy"], policy_ctx)
         self.rewards = RewardSet([(r.name, registry.get("reward", r.name).create(options[f"rewards[{i}]"], ctx),
-                                   r.weight) for i, r in enumerate(cfg.rewards)])
+                                   r.weight) for i, r in enumerate(cfg.rewards)],
+                                 timeouts={r.name: r.timeout for r in cfg.rewards})
         self.hooks = AlgorithmHooks(self.algorithm)
         cache_dir = self.t.conditioning_cache
         if cache_dir is not None and not Path(cache_dir).is_absolute() and not self.source.startswith("<"):
