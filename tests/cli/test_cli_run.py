@@ -127,6 +127,7 @@ def test_run_passes_the_validated_config_and_prints_the_summary(cli, config_file
     assert set(call["options"]) == {"policy", "sampler", "optimizer", "rewards[0]", "rewards[1]"}
     assert call["options"]["policy"].lora.rank == 2
     assert (call["output_dir"], call["resume"], call["source"]) == (str(out_dir), True, str(path))
+    assert call["resume_command"] == f"ff run {path} --set train.epochs=9 --output {out_dir} --resume"
     grid = _grid(result.stdout)
     assert grid["epochs"] == "12 (resumed after epoch 6)"
     assert grid["mean reward"] == "0.2500 -> 0.7500 (+0.5000), first vs last 5 epochs"
@@ -159,6 +160,33 @@ def test_run_user_error_from_the_loop(cli, config_file, monkeypatch, user_error)
     monkeypatch.setattr(ff_train, "run", run)
     user_error(cli("run", str(config_file())),
                "Error: runs/test-run already holds a run. Continue it with `ff run x --resume`.")
+
+
+def test_a_folder_that_holds_a_run_names_the_full_command_to_resume(cli, config_file, tmp_path, user_error) -> None:
+    """The real loop (no fake): it stops before loading anything and gives back the user's --set and --output."""
+    out_dir = tmp_path / "held run"
+    out_dir.mkdir()
+    (out_dir / "metrics.jsonl").write_text('{"epoch": 1, "reward/mean": 0.5}\n')
+    path = config_file()
+    result = cli("run", str(path), "--output", str(out_dir), "--set", "train.epochs=3", "-s", "name=my run")
+    user_error(result, f"Error: {out_dir} already holds a run. Continue it with "
+                       f"`ff run {path} --set train.epochs=3 --set 'name=my run' --output '{out_dir}' --resume`, "
+                       f"or write elsewhere with `--output DIR`.")
+
+
+def test_the_loop_names_a_resume_command_without_the_cli(config_file, plugin_state, tmp_path) -> None:
+    """Called from Python with no resume_command, the message still names the config and the --output given."""
+    from flowfactory.config import load
+    from flowfactory.train import run
+
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    (out_dir / "metrics.jsonl").write_text("")
+    path = config_file()
+    cfg, options = load(path, registry=plugin_state.registry)
+    with pytest.raises(FlowFactoryError, match=rf"Continue it with `ff run {path} --output {out_dir} --resume`"):
+        run(cfg, options, output_dir=str(out_dir), source=str(path), registry=plugin_state.registry,
+            show_progress=False)
 
 
 def test_run_bug_in_the_loop_is_not_hidden(cli, config_file, monkeypatch) -> None:

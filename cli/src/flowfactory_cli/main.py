@@ -226,7 +226,8 @@ def run(
 
     try:
         summary = ff_train.run(cfg, options, output_dir=str(output) if output is not None else None,
-                               resume=resume, source=str(config), registry=_state(ctx).registry)
+                               resume=resume, source=str(config), registry=_state(ctx).registry,
+                               resume_command=resume_command(config, overrides, output))
     except KeyboardInterrupt:
         if _is_main_process():
             err().print(f"\nInterrupted. Continue from the last checkpoint with:\n  "

@@ -75,10 +75,13 @@ class Rollouts:
 
 
 def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = None, resume: bool = False,
-        source: str = "<config>", show_progress: bool = True, registry: Any = None) -> RunSummary:
-    """Train; `registry` defaults to the process-wide one (`flowfactory.plugins.get_registry()`)."""
+        source: str = "<config>", show_progress: bool = True, registry: Any = None,
+        resume_command: str | None = None) -> RunSummary:
+    """Train; `registry` defaults to the process-wide one (`flowfactory.plugins.get_registry()`).
+    `resume_command`: the full `ff run ... --resume` line that continues this run (with the caller's --set and
+    --output), named in messages; default `ff run SOURCE [--output DIR] --resume`."""
     recipe = Recipe(cfg, options, output_dir=output_dir, resume=resume, source=source, show_progress=show_progress,
-                    registry=registry)
+                    registry=registry, resume_command=resume_command)
     recipe.setup()
     recipe.train()
     return recipe.finish()
@@ -88,8 +91,10 @@ class Recipe:
     """A training run (see the module docstring for the order of its methods)."""
 
     def __init__(self, cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = None,
-                 resume: bool = False, source: str = "<config>", show_progress: bool = True, registry: Any = None):
+                 resume: bool = False, source: str = "<config>", show_progress: bool = True, registry: Any = None,
+                 resume_command: str | None = None):
         self.cfg, self.options, self.t = cfg, options, cfg.train
+        self.resume_command = resume_command or f"ff run {source}{f' --output {output_dir}' if output_dir else ''} --resume"
         self.out = Path(output_dir or cfg.output_dir or f"runs/{cfg.name}")
         self.resume, self.source, self.show_progress = resume, source, show_progress
         self.registry = registry
@@ -149,7 +154,7 @@ class Recipe:
         out, source = self.out, self.source
         if not self.resume and (out / "metrics.jsonl").exists():
             raise FlowFactoryError(
-                f"{out} already holds a run. Continue it with `ff run {source} --resume`, or write elsewhere "
+                f"{out} already holds a run. Continue it with `{self.resume_command}`, or write elsewhere "
                 f"with `--output DIR`.")
         if not self.resume:
             return
