@@ -12,7 +12,9 @@ Nothing is unpickled: safetensors and JSON cannot carry code, and a checkpoint h
 older flowfactory's `state.pt`, or anything else) is refused. A checkpoint is written into
 `checkpoints/.tmp-<epoch>`, its files and folder flushed to disk, then renamed to `checkpoints/<epoch>`, so
 a crash mid-write leaves the previous checkpoint intact; a checkpoint whose files do not match the sizes
-recorded at write is skipped, with a message, in favour of the newest intact one.
+recorded at write is skipped, with a message, in favour of the newest intact one. A write that fails (a full
+disk, a refused permission) removes the partial folder and raises one message on every process, so the
+previous checkpoint stays the newest and `--resume` starts from it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from flowfactory.errors import FlowFactoryError
+from flowfactory.train.runfolder import write_fix
 from flowfactory.train.state import flatten, unflatten
 
 META = "trainer.json"
@@ -58,7 +61,9 @@ def _fsync(path: Path) -> None:
 
 
 def save(root: Path, epoch: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
-    """Write `state` (nested dicts of tensors and JSON values) as checkpoint `epoch`; every process calls it."""
+    """Write `state` (nested dicts of tensors and JSON values) as checkpoint `epoch`; every process calls it.
+    A failed write (full disk, permissions) removes the partial folder and raises a FlowFactoryError on every
+    process: the previous checkpoint stays the newest, and `--resume` starts from it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -67,40 +72,100 @@ def save(root: Path, epoch: int, state: dict[str, Any], meta: dict[str, Any], ke
     final = root / f"{epoch:06d}"
     tmp = root / f".tmp-{epoch:06d}"
     tree, tensors = flatten(state)
+    error: BaseException | None = None
     if main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / TENSORS).mkdir(parents=True)
-    _barrier()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save({k: v.detach() for k, v in tensors.items()},
-                 storage_writer=HuggingFaceStorageWriter(str(tmp / TENSORS), save_distributed=True),
-                 no_dist=d is None)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / TENSORS).mkdir(parents=True)
+        except OSError as exc:
+            error = exc
+    _together(error, root, epoch, tmp)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save({k: v.detach() for k, v in tensors.items()},
+                     storage_writer=HuggingFaceStorageWriter(str(tmp / TENSORS), save_distributed=True),
+                     no_dist=d is None)
+    except (Exception, dcp.CheckpointException) as exc:  # a BaseException; raised on every process when any failed
+        error = exc
+    if error is not None:
+        _failed(_message(error, root, epoch), error, tmp)
     _barrier()
     if main:
-        files = {}
-        for f in sorted((tmp / TENSORS).iterdir()):
-            _fsync(f)
-            files[f"{TENSORS}/{f.name}"] = f.stat().st_size
-        _fsync(tmp / TENSORS)
-        info = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                for name, t in tensors.items()}
-        body = {"format": FORMAT, "epoch": epoch, **meta, "files": files, "tensors": info, "state": tree}
-        with open(tmp / META, "w") as f:
-            f.write(json.dumps(body, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
+        try:
+            files = {}
+            for f in sorted((tmp / TENSORS).iterdir()):
+                _fsync(f)
+                files[f"{TENSORS}/{f.name}"] = f.stat().st_size
+            _fsync(tmp / TENSORS)
+            info = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                    for name, t in tensors.items()}
+            body = {"format": FORMAT, "epoch": epoch, **meta, "files": files, "tensors": info, "state": tree}
+            with open(tmp / META, "w") as f:
+                f.write(json.dumps(body, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(root)
+        except OSError as exc:
+            error = exc
+    _together(error, root, epoch, tmp)
+    if main:
         for old in complete(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _together(error: BaseException | None, root: Path, epoch: int, tmp: Path) -> None:
+    """After a step only the main process did: every process learns whether it failed, and all raise."""
+    d = _dist()
+    text = None if error is None else _message(error, root, epoch)
+    if d is not None:
+        box = [text]
+        d.broadcast_object_list(box, src=0)
+        text = box[0]
+    if text is not None:
+        _failed(text, error, tmp)
+
+
+def _failed(text: str, error: BaseException | None, tmp: Path) -> None:
+    """Remove the partial checkpoint (main process) and raise the failure's message."""
+    d = _dist()
+    if d is None or d.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise FlowFactoryError(text) from error
+
+
+def _message(error: BaseException, root: Path, epoch: int) -> str:
+    """What failed, that nothing was lost, and what to do."""
+    exc = _os_error(error)
+    if exc is not None:
+        reason = (exc.strerror or type(exc).__name__) + (f" ({exc.filename})" if exc.filename else "")
+        fix = write_fix(exc, root)
+    else:
+        reason, fix = f"{type(error).__name__}: {error}", "Fix the cause"
+    previous = [p.name for p in complete(root) if int(p.name) < epoch]
+    kept = (f"checkpoint {previous[-1]} is intact and stays the newest" if previous
+            else "no earlier checkpoint exists, so --resume starts from epoch 1")
+    return (f"writing checkpoint {epoch:06d} in {root} failed: {reason}. Nothing was lost: the partial checkpoint "
+            f"was removed and {kept}. {fix}, then continue the run with --resume.")
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind a failure (dcp wraps each process's exception in a CheckpointException)."""
+    if isinstance(error, OSError):
+        return error
+    for failure in getattr(error, "failures", {}).values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, OSError):
+            return exc
+    return None
 
 
 def complete(root: Path) -> list[Path]:

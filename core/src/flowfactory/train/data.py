@@ -36,11 +36,29 @@ def load_prompts(spec: str, base_dir: str | Path | None = None, key: str = "data
         raise FlowFactoryError(
             f"{key}: {spec!r} is neither a prompt file nor a built-in set (built-ins: {', '.join(builtin_sets())}). "
             "Give a .txt file with one prompt per line or a .jsonl file with a 'prompt' per line.")
-    text = src.read_text()
+    text = _read_text(src, key)
     prompts = _parse_jsonl(text, src, key) if src.suffix == ".jsonl" else _parse_txt(text)
     if not prompts:
         raise FlowFactoryError(f"{key}: {src} holds no prompts")
     return prompts
+
+
+def _read_text(path: Path, key: str) -> str:
+    """The file as UTF-8 text (a leading byte-order mark is dropped), or one message naming what is wrong."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FlowFactoryError(f"{key}: cannot read {path}: {exc.strerror}; check that the file is readable") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        raise FlowFactoryError(
+            f"{key}: {path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column {column}. Save "
+            f"the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path} -o {fixed}`, naming its actual encoding "
+            f"after -f) and point {key} at it") from None
 
 
 def _parse_txt(text: str) -> list[str]:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from flowfactory.errors import FlowFactoryError
+from flowfactory.train.runfolder import write_error
 
 
 class MetricsLog:
@@ -17,13 +22,15 @@ class MetricsLog:
         self.path = out / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
-            keep = []
-            for ln in self.path.read_text().splitlines():
-                row = json.loads(ln)
-                if resume_epoch is not None and row.get("epoch", 0) <= resume_epoch:
-                    keep.append(row)
+            keep = [r for r in read_metrics(self.path)
+                    if resume_epoch is not None and r.get("epoch", 0) <= resume_epoch]
             self.rows = keep
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            try:  # replaced whole, so a crash now leaves the old rows or the new ones, never a part
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                raise write_error(exc, self.path) from exc
         self.writer = None
         if tensorboard:
             try:
@@ -35,8 +42,11 @@ class MetricsLog:
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as exc:  # a torn row is dropped on --resume (`read_metrics`)
+            raise write_error(exc, self.path) from exc
         if self.writer is not None:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -46,6 +56,32 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A last line that is not a JSON object was cut short by a crash while it was
+    written: it is dropped, with a message on stderr. Any other bad line is an error naming the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise FlowFactoryError(f"cannot read {path}: {exc.strerror}") from exc
+    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip()]
+    rows = []
+    for k, (i, ln) in enumerate(numbered):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as exc:
+            if k == len(numbered) - 1:
+                print(f"flowfactory: {path}: dropped its last line (line {i}), cut short by a crash while it was "
+                      f"written: {ln[:60]!r}{'...' if len(ln) > 60 else ''}", file=sys.stderr)
+                break
+            raise FlowFactoryError(
+                f"{path}:{i}: not a metrics row ({exc}); only a torn last line is dropped on its own. Repair or "
+                f"delete line {i}, then --resume again.") from exc
+        rows.append(row)
+    return rows
 
 
 def save_grid(images: torch.Tensor, captions: list[str], path: Path, columns: int = 4, cell: int = 128,
