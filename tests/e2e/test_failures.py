@@ -47,6 +47,13 @@ def assert_one_message(res: subprocess.CompletedProcess, *fragments: str) -> Non
         assert fragment in err, (fragment, err)
 
 
+def free_port() -> int:
+    """A TCP port free right now, for a torchrun rendezvous (a fixed one can collide with a parallel test run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rows(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -97,7 +104,7 @@ def test_a_locked_folder_refuses_every_process_of_a_multi_process_run(toy_regist
     lock.acquire()  # this test process holds the folder, as a running `ff run` would
     try:
         res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", "29561", str(HERE / "ff_toy.py"), "run", str(path), "--output",
+                              "--master_port", str(free_port()), str(HERE / "ff_toy.py"), "run", str(path), "--output",
                               str(out)],
                              env=TORCHRUN_ENV, capture_output=True, text=True, timeout=180)
     finally:
@@ -224,16 +231,18 @@ def test_a_full_disk_on_the_main_process_stops_every_process(toy_registry, toy_c
     (none waits in a collective), and a 2-process --resume completes the run."""
     path = toy_config(train={"epochs": 4, **QUIET, "checkpoint_every": 2})
     out = tmp_path / "full2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
-           str(HERE / "ff_toy.py"), "run", str(path), "--output", str(out)]
-    env = TORCHRUN_ENV
-    res = subprocess.run(cmd, env={**env, "FLOWFACTORY_TEST_DISK_FULL_FROM": "2:fsync"}, capture_output=True,
-                         text=True, timeout=240)
+
+    def two_processes(*args: str, env: dict = TORCHRUN_ENV) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(free_port()), str(HERE / "ff_toy.py"), "run", str(path), "--output", str(out), *args],
+                              env=env, capture_output=True, text=True, timeout=240)
+
+    res = two_processes(env={**TORCHRUN_ENV, "FLOWFACTORY_TEST_DISK_FULL_FROM": "2:fsync"})
     log = " ".join((res.stdout + res.stderr).split())
     assert res.returncode != 0
     assert log.count("writing checkpoint 000004") >= 2, log  # the message, on both processes
     assert "checkpoint 000002 is intact" in log
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002"]
-    res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=240)
+    res = two_processes("--resume")
     assert res.returncode == 0, res.stderr
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3, 4] and (out / "final" / "toy.pt").is_file()
