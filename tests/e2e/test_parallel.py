@@ -24,6 +24,15 @@ ODE6 = {"name": "ode", "options": {"steps": 6}}
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "FLOWFACTORY_STRICT_PLUGINS": "1", "OMP_NUM_THREADS": "1"}
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one can still be held by a previous launch)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def rows(out: Path) -> list[dict]:
     import json
 
@@ -90,7 +99,7 @@ def test_fsdp_two_processes_equal_one_process(toy_registry, toy_config, tmp_path
     path = toy_config(train={"epochs": 4, "eval_every": 2, "sample_every": 0, "checkpoint_every": 0, **FSDP},
                       **sections)
     train(path, tmp_path / "one")
-    torchrun(path, tmp_path / "two", port=29531)
+    torchrun(path, tmp_path / "two", port=free_port())
     assert_same_run(tmp_path / "one", tmp_path / "two", atol)
     assert rows(tmp_path / "one")[1]["eval/reward/mean"] == pytest.approx(rows(tmp_path / "two")[1]["eval/reward/mean"],
                                                                           abs=1e-5)
@@ -101,7 +110,7 @@ def test_checkpoint_of_two_fsdp_processes_resumes_on_one_and_back(toy_registry, 
     both ending with the weights of an uninterrupted 1-process run."""
     path = toy_config(train={"epochs": 6, "eval_every": 0, "sample_every": 0, "checkpoint_every": 2, **FSDP})
     train(path, tmp_path / "whole")
-    torchrun(path, tmp_path / "two-then-one", "train.epochs=3", port=29532)
+    torchrun(path, tmp_path / "two-then-one", "train.epochs=3", port=free_port())
     two = ckpt.read_meta(ckpt.latest(tmp_path / "two-then-one" / "checkpoints"))
     assert two["processes"] == 2 and two["epoch"] == 3
     assert len(list((tmp_path / "two-then-one" / "checkpoints" / "000003" / "tensors").glob("*.safetensors"))) == 2
@@ -110,7 +119,7 @@ def test_checkpoint_of_two_fsdp_processes_resumes_on_one_and_back(toy_registry, 
     assert_same_run(tmp_path / "whole", tmp_path / "two-then-one", 1e-5)
 
     train(path, tmp_path / "one-then-two", ["train.epochs=3"])
-    torchrun(path, tmp_path / "one-then-two", "--resume", port=29533)
+    torchrun(path, tmp_path / "one-then-two", "--resume", port=free_port())
     assert_same_run(tmp_path / "whole", tmp_path / "one-then-two", 1e-5)
 
 
@@ -119,7 +128,7 @@ def test_fsdp_kill_9_then_resume_is_bit_identical(toy_registry, toy_config, tmp_
     path = toy_config(train={"epochs": 40, "eval_every": 0, "sample_every": 0, "checkpoint_every": 2,
                              "keep_checkpoints": 100, **FSDP})
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(HERE / "run_toy.py"), str(path), str(out)]
     proc = subprocess.Popen(cmd, env=ENV)
     deadline = time.time() + 240
@@ -130,8 +139,8 @@ def test_fsdp_kill_9_then_resume_is_bit_identical(toy_registry, toy_config, tmp_
     kill_9_all(str(out))  # the launcher and both training processes (they run in sessions of their own)
     proc.wait()
     assert len(rows(out)) < 40 and not (out / "final").exists()
-    torchrun(path, out, "--resume", port=29535)
-    torchrun(path, tmp_path / "whole", port=29536)
+    torchrun(path, out, "--resume", port=free_port())
+    torchrun(path, tmp_path / "whole", port=free_port())
     a, b = weights(tmp_path / "whole"), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in rows(out)] == list(range(1, 41))
@@ -144,7 +153,7 @@ def test_a_reward_failing_on_one_process_stops_every_process(toy_registry, toy_c
                       train={"epochs": 4, "eval_every": 0, "sample_every": 0, "checkpoint_every": 10})
     out = tmp_path / "r"
     start = time.time()
-    res = torchrun(path, out, port=29537, check=False, timeout=120, env={**ENV, "FLOWFACTORY_TEST_FAIL": "1:3"})
+    res = torchrun(path, out, port=free_port(), check=False, timeout=120, env={**ENV, "FLOWFACTORY_TEST_FAIL": "1:3"})
     assert res.returncode != 0
     assert time.time() - start < 90  # a hang would sit in the gloo collective until the timeout above
     log = res.stdout + res.stderr
@@ -152,7 +161,7 @@ def test_a_reward_failing_on_one_process_stops_every_process(toy_registry, toy_c
     assert "on process 1 of 2" in log  # process 0 stops with process 1's message
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["000002"]
     assert [r["epoch"] for r in rows(out)] == [1, 2]
-    torchrun(path, out, "--resume", port=29538)
+    torchrun(path, out, "--resume", port=free_port())
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3, 4] and (out / "final" / "toy.pt").is_file()
 
 
@@ -218,7 +227,7 @@ def test_fsdp_tiny_flux_through_accelerate_launch_equals_one_process(tmp_path, l
     subprocess.run(["ff", "run", str(path), "--output", str(tmp_path / "one")], check=True, env=ENV, timeout=300,
                    capture_output=True)
     res = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29539",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                           "-m", "flowfactory_cli", "run", str(path), "--output", str(tmp_path / "two")],
                          env=ENV, timeout=300, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -228,11 +228,11 @@ def run(
         summary = ff_train.run(cfg, options, output_dir=str(output) if output is not None else None,
                                resume=resume, source=str(config), registry=_state(ctx).registry,
                                resume_command=resume_command(config, overrides, output))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or flowfactory.errors.RunInterrupted (SIGINT/SIGTERM, saved)
         if _is_main_process():
             err().print(f"\nInterrupted. Continue from the last checkpoint with:\n  "
                         f"{escape(resume_command(config, overrides, output))}", soft_wrap=True)
-        raise typer.Exit(INTERRUPTED) from None
+        raise typer.Exit(getattr(exc, "exit_code", INTERRUPTED)) from None
     if _is_main_process():
         out().print(render.run_summary_panel(summary))
 

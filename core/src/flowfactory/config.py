@@ -104,6 +104,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(10, ge=0, description="Epochs between checkpoints; 0 disables.")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     tensorboard: bool = Field(True, description="Log to tensorboard when the package is installed.")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN or infinite loss or gradient is never applied: `stop` ends the run (the last "
+                            "consistent epoch is checkpointed), `skip` skips that optimizer step and goes on.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig,
                                      description="How the trained model is spread over processes (ddp or fsdp).")
     conditioning_cache: str | None = Field(

@@ -29,3 +29,17 @@ class ConfigError(FlowFactoryError):
 
 class RewardError(FlowFactoryError):
     """A reward returned something unusable (wrong shape, NaN) or raised; the step is skipped."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run stopped on a signal (Ctrl-C's SIGINT, or SIGTERM from a scheduler) after saving what was
+    consistent; `exit_code` is what a shell reports for that signal (130, 143)."""
+
+    def __init__(self, signal_name: str, exit_code: int):
+        super().__init__(f"stopped on {signal_name}")
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+
+
+class NonFiniteError(FlowFactoryError):
+    """A loss or gradient went NaN or infinite; the step was not applied to the weights."""

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -31,11 +34,11 @@ import numpy as np
 import torch
 
 from flowfactory.config import RunConfig, sampler_mismatch
-from flowfactory.errors import FlowFactoryError, RewardError
+from flowfactory.errors import FlowFactoryError, NonFiniteError, RewardError, RunInterrupted
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: its old import path)
 from flowfactory.train import checkpoint as ckpt
-from flowfactory.train import parallel
+from flowfactory.train import parallel, runfolder
 from flowfactory.train.advantages import compute_advantages
 from flowfactory.train.conditioning import ConditioningCache
 from flowfactory.train.data import load_prompts
@@ -82,9 +85,14 @@ def run(cfg: RunConfig, options: dict[str, Any], *, output_dir: str | None = Non
     --output), named in messages; default `ff run SOURCE [--output DIR] --resume`."""
     recipe = Recipe(cfg, options, output_dir=output_dir, resume=resume, source=source, show_progress=show_progress,
                     registry=registry, resume_command=resume_command)
-    recipe.setup()
-    recipe.train()
-    return recipe.finish()
+    try:
+        with runfolder.write_errors(recipe.out):  # a full disk or a refused write: one message, not a traceback
+            recipe.setup()
+            recipe.train()
+            return recipe.finish()
+    finally:
+        if recipe.lock is not None:
+            recipe.lock.release()
 
 
 class Recipe:
@@ -106,10 +114,15 @@ class Recipe:
         self.consistent = True  # False from the first weight change of an epoch until its row is logged
         self.log: MetricsLog | None = None
         self.progress: Any = None
+        self.lock: runfolder.RunLock | None = None  # held on the output folder from setup to the run's end
+        self.stop_signal: str | None = None  # set by the first SIGINT/SIGTERM: stop at the next safe point
+        self.finish_only = False  # --resume of a run whose epochs are all done but whose final/ is not
+        self.skipped_steps = 0  # optimizer steps not applied because a gradient was non-finite
 
     # ================================================================================================ setup
     def setup(self) -> None:
         self._launch()
+        self.lock = runfolder.lock_for_run(self.out, self.main, self._agree)  # before anything reads or writes it
         self._prepare_output()
         self._load_prompts()
         self._build_components()
@@ -163,9 +176,9 @@ class Recipe:
         if self.main:
             for note in notes:
                 print(f"flowfactory: {note}", file=sys.stderr)
-        if self.resume_from is None and (out / "metrics.jsonl").exists():
-            raise FlowFactoryError(f"{out} holds no complete checkpoint to resume; start afresh with another --output.")
-        if self.resume_from is not None:
+        if self.resume_from is None and (out / "config.json").exists() and self.main:
+            print(f"flowfactory: {out} holds no checkpoint yet; --resume starts the run from epoch 1", file=sys.stderr)
+        if (out / "config.json").exists():
             saved = json.loads((out / "config.json").read_text())
             changed = _config_changes(saved, _config_dump(self.cfg))
             if changed:
@@ -259,7 +272,9 @@ class Recipe:
             self.ema.load_state_dict(state["ema"])
         self.hooks.load_state_dict(state.get("algorithm") or {})
         self.start_epoch = int(meta["epoch"])
-        if self.start_epoch >= self.t.epochs:
+        if self.start_epoch >= self.t.epochs and not (self.out / "final").exists():
+            self.finish_only = True  # stopped after its last checkpoint, before final/ was complete
+        elif self.start_epoch >= self.t.epochs:
             raise FlowFactoryError(
                 f"{self.source}: {self.out} already trained {self.start_epoch} epochs; to continue, raise "
                 f"train.epochs above {self.start_epoch} (e.g. --set train.epochs={self.start_epoch + 10}).")
@@ -267,11 +282,15 @@ class Recipe:
     # ================================================================================================ train
     def train(self) -> None:
         """Every epoch, then its checkpoint. On any failure, save the last epoch whose weights and metrics agree
-        (every process together: failures are agreed on first), then re-raise."""
+        (every process together: failures are agreed on first), then re-raise. A first SIGINT or SIGTERM asks
+        for a stop at the next safe point (before the update, or at the epoch's end), agreed by every process;
+        a second one stops at once."""
         from flowfactory.train.progress import Progress
 
         t = self.t
-        self.progress = Progress(self.cfg.name, self.start_epoch, t.epochs, enabled=self.show_progress and self.main)
+        self.progress = Progress(self.cfg.name, self.start_epoch, t.epochs,
+                                 enabled=self.show_progress and self.main and not self.finish_only)
+        previous = self._catch_signals()
         try:
             for epoch in range(self.start_epoch + 1, t.epochs + 1):
                 row = self.train_epoch(epoch)
@@ -281,15 +300,50 @@ class Recipe:
                 self.progress.update(epoch, row)
                 if t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
                     self.save_checkpoint(epoch)
+                self._agree(None)  # also tells every process whether one was asked to stop
+                self._stop_if_asked()
         except BaseException:
             # lose nothing: keep the last complete epoch when the failure left the weights consistent
             if self.consistent and self.last_logged > self.last_saved and t.checkpoint_every:
                 self.save_checkpoint(self.last_logged)
             raise
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.progress.close()
             if self.log is not None:
                 self.log.close()
+
+    def _catch_signals(self) -> dict[int, Any]:
+        """SIGINT and SIGTERM request a stop at the next safe point; a second one interrupts at once."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None:
+                raise RunInterrupted(name, 128 + signum)
+            self.stop_signal = name
+            if self.main:
+                print(f"\nflowfactory: {name}: stopping after the current phase and saving the last complete "
+                      f"epoch (send it again to stop at once)", file=sys.stderr, flush=True)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+            # restart interrupted system calls: a signal landing inside a collective (gloo/NCCL sockets) must not
+            # fail it with EINTR; the flag is read at the next agreement point
+            signal.siginterrupt(sig, False)
+        return previous
+
+    def _stop_if_asked(self) -> None:
+        """Raise RunInterrupted on every process when any was asked to stop (after an agreement point)."""
+        if self.stop_signal is not None:
+            code = 143 if self.stop_signal == "SIGTERM" else 130
+            raise RunInterrupted(self.stop_signal, code)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch: rollouts, rewards and advantages over the global batch, the update, then its metrics row."""
@@ -310,6 +364,7 @@ class Recipe:
         except Exception as exc:  # agreed on below, so every process stops, not only this one
             error = exc
         self._agree(error)
+        self._stop_if_asked()  # before the update: the weights are still those of the last logged epoch
         assert roll is not None and roll.media is not None and per_reward is not None and total is not None
         # decoded samples leave the device once scored: the sample grid keeps its few rows on the CPU
         t = self.t
@@ -376,24 +431,31 @@ class Recipe:
         mean over every (sample, unit) of the global step, whatever the process count or micro-batch size."""
         t = self.t
         self.policy.module.train()
-        self.consistent = False
         stats = _Stats()
         grad_norms: list[float] = []
         per_step = self.n_local // t.steps_per_epoch
+        skipped = 0
         for inner in range(t.inner_epochs):
-            for batches in self.micro_batches(epoch, inner, roll, advantages, local):
+            for step, batches in enumerate(self.micro_batches(epoch, inner, roll, advantages, local)):
+                self._nonfinite_loss = False
                 for m, batch in enumerate(batches):
                     units = self.algorithm.units(batch)
                     for u, unit in enumerate(units):
                         last = m == len(batches) - 1 and u == len(units) - 1
                         self._loss_step(batch, unit, per_step * len(units), last, stats)
-                norm = self._optimizer_step()
-                if norm is not None:
+                where = (f"epoch {epoch}, optimizer step {step + 1} of {t.steps_per_epoch}"
+                         + (f" of inner epoch {inner + 1}" if t.inner_epochs > 1 else ""))
+                norm = self._optimizer_step(where)
+                if norm is None:
+                    skipped += 1
+                else:
                     grad_norms.append(norm)
         self.hooks.on_epoch_end(self.policy)
         out = stats.reduce(self.accelerator)
         if grad_norms:
             out["grad_norm"] = float(np.mean(grad_norms))
+        if t.nonfinite == "skip":
+            out["train/skipped_steps"] = float(skipped)
         return out
 
     def micro_batches(self, epoch: int, inner: int, roll: Rollouts, advantages: torch.Tensor,
@@ -416,27 +478,57 @@ class Recipe:
     def _loss_step(self, batch: TrainBatch, unit: Any, scale: int, last: bool, stats: _Stats) -> None:
         """One forward/backward. The loss is this process's sum over (sample, unit) / (rows per step x units);
         DDP and FSDP average over processes, so the gradient is the global mean. Gradients are reduced across
-        processes only on the step's last backward."""
+        processes only on the step's last backward. A non-finite loss is still backpropagated (every process must
+        join the reduction); the step is then refused by `_optimizer_step`."""
         acc = self.accelerator
         with parallel.sync_context(self.policy.module, self.fsdp, acc, last):
             with acc.autocast():
                 res = self.algorithm.loss(self.policy, self.sampler, batch, unit)
             acc.backward(res.loss.float().sum() / scale)
+        if not bool(torch.isfinite(res.loss.detach()).all()):
+            self._nonfinite_loss = True
         stats.add(res)
 
-    def _optimizer_step(self) -> float | None:
-        """Clip, step, zero the gradients, then the algorithm's and the EMA's per-step updates."""
+    def _optimizer_step(self, where: str) -> float | None:
+        """Clip, step, zero the gradients, then the algorithm's and the EMA's per-step updates; returns the
+        gradient norm. The norm is global (reduced over processes and shards), so every process sees the same
+        one: a non-finite gradient is never applied, and with `train.nonfinite: skip` the step is skipped
+        (None), else the run stops with the weights as they were before the step."""
         t = self.t
-        norm = None
-        if t.max_grad_norm is not None:
-            norm = parallel.clip_grad_norm(self.policy.trainable_parameters(), t.max_grad_norm, self.fsdp,
-                                           self.accelerator)
+        params = self.policy.trainable_parameters()
+        norm = parallel.clip_grad_norm(params, t.max_grad_norm if t.max_grad_norm is not None else math.inf,
+                                       self.fsdp, self.accelerator)
+        if not math.isfinite(norm):
+            what = self._nonfinite_report(norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            message = (f"non-finite {what} in {where}, optimizer `{self.cfg.optimizer.name}`; the step was not "
+                       f"applied, so the weights are those before it")
+            if t.nonfinite == "skip":
+                self.skipped_steps += 1
+                if self.main:
+                    print(f"flowfactory: {message} (train.nonfinite: skip)", file=sys.stderr)
+                return None
+            raise NonFiniteError(f"{message}. Lower train.lr, keep train.max_grad_norm set, check the reward "
+                                 f"scale, or set train.nonfinite: skip to skip such steps; then --resume")
+        self.consistent = False  # from the first applied step until the epoch's row is logged
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.hooks.on_step(self.policy)
         if self.ema is not None:
             self.ema.update(named_trainable(self.policy))
         return norm
+
+    def _nonfinite_report(self, norm: float) -> str:
+        """What went non-finite: this process's loss, or the first parameter whose gradient is (norm: {norm})."""
+        if self._nonfinite_loss:
+            return f"loss (gradient norm {norm})"
+        for name, p in named_trainable(self.policy).items():
+            g = p.grad
+            if g is not None:
+                local = g.to_local() if hasattr(g, "to_local") else g
+                if not bool(torch.isfinite(local).all()):
+                    return f"gradient (norm {norm}; first at parameter {name})"
+        return f"gradient (norm {norm}; the non-finite values are on another process)"
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """ODE rollouts on held-out prompts (one each, fixed noise), split over processes. With FSDP every
@@ -475,8 +567,13 @@ class Recipe:
         return row
 
     def save_checkpoint(self, epoch: int) -> None:
-        """Every process writes its part of the named state (`flowfactory.train.checkpoint`)."""
+        """Every process writes its part of the named state (`flowfactory.train.checkpoint`); weights that are
+        not all finite are never written."""
         parallel.reshard(raw_module(self.policy.module))
+        bad = [n for n, p in named_trainable(self.policy).items()
+               if not bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())]
+        self._agree(NonFiniteError(f"refusing to checkpoint epoch {epoch}: parameter {bad[0]} holds non-finite "
+                                   f"values; the last checkpoint stays the newest") if bad else None)
         ckpt.save(self.out / "checkpoints", epoch, self._training_state(),
                   {"name": self.cfg.name, "processes": self.world, "strategy": self.t.parallel.strategy},
                   self.t.keep_checkpoints)
@@ -490,34 +587,46 @@ class Recipe:
                 raise error
             return
         size = 2048
-        text = b"" if error is None else _describe(error).encode("utf-8", "replace")[: size - 2]
+        text = b"" if error is None else _describe(error).encode("utf-8", "replace")[: size - 3]
         buf = torch.zeros(size, dtype=torch.uint8)
         buf[0] = 0 if error is None else (2 if isinstance(error, RewardError) else 1)
-        buf[1:1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else buf[1:1]
+        buf[1] = {None: 0, "SIGINT": 1}.get(self.stop_signal, 2)  # a stop asked of this process
+        buf[2:2 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else buf[2:2]
         everyone = self.accelerator.gather(buf.to(self.device)).cpu().view(self.world, size)
+        if self.stop_signal is None and bool((everyone[:, 1] != 0).any()):
+            self.stop_signal = "SIGINT" if int(everyone[:, 1].max()) == 1 else "SIGTERM"
         if error is not None:
             raise error
         failed = [r for r in range(self.world) if everyone[r, 0] != 0]
         if failed:
             r = failed[0]
-            raw = bytes(everyone[r, 1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+            raw = bytes(everyone[r, 2:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
             cls = RewardError if int(everyone[r, 0]) == 2 else FlowFactoryError
             raise cls(f"{raw} (on process {r} of {self.world}; this process stopped with it)")
 
     # =============================================================================================== finish
     def finish(self) -> RunSummary:
-        """final/ (and final/ema) from the gathered weights, written by the main process, then the summary."""
+        """final/ (and final/ema) from the gathered weights, written by the main process into a temporary folder
+        and renamed when complete, so a crash leaves no partial final/ (`--resume` then writes it); then the
+        summary."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        final = self.out / "final"
+        final, tmp = self.out / "final", self.out / ".tmp-final"
+        if self.main and tmp.exists():
+            shutil.rmtree(tmp)
         modules = [raw_module(self.policy.module)]
         with parallel.full_weights(modules, self.main):
             if self.main:
-                self.policy.save(str(final))
+                self.policy.save(str(tmp))
         if self.ema is not None:
             with self.ema.swapped(named_trainable(self.policy)), parallel.full_weights(modules, self.main):
                 if self.main:
-                    self.policy.save(str(final / "ema"))
+                    self.policy.save(str(tmp / "ema"))
+        if self.main:
+            _retarget_notes(tmp, final)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         acc.wait_for_everyone()
         rows = _read_rows(self.out / "metrics.jsonl")
         reward_first, reward_last, window = reward_windows([r["reward/mean"] for r in rows])
@@ -600,6 +709,15 @@ def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
 
     return Trajectory(sigmas=first.sigmas, stochastic=first.stochastic, final=cat("final"),
                       latents=cat("latents"), log_probs=cat("log_probs"))
+
+
+def _retarget_notes(tmp: Path, final: Path) -> None:
+    """Loading notes a policy wrote into `tmp` (README, JSON) name the folder they will be renamed to."""
+    for f in tmp.rglob("*"):
+        if f.is_file() and f.suffix in (".md", ".json") and f.stat().st_size < 2**20:
+            text = f.read_text(encoding="utf-8", errors="surrogateescape")
+            if str(tmp) in text:
+                f.write_text(text.replace(str(tmp), str(final)), encoding="utf-8", errors="surrogateescape")
 
 
 def _describe(error: BaseException) -> str:
