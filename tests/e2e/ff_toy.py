@@ -15,48 +15,13 @@ import os
 import sys
 from contextlib import contextmanager
 
+from components import TestComponents  # tests/e2e/components.py, beside this script
+
 import flowfactory.plugins as plugins
-from flowfactory import hookimpl
 from flowfactory.testing import plugin as toy_plugin
 
-
-class NanPG:
-    """REINFORCE on the stored log-probs whose loss is NaN in one epoch (and on one process) when
-    FLOWFACTORY_TEST_NAN="EPOCH" or "EPOCH:RANK" is set: a loss that blows up, as a bad batch does."""
-
-    def __init__(self) -> None:
-        from flowfactory.types import Requirements
-
-        self.requirements = Requirements(keep="steps", stochastic=True, reference=False)
-        spec = os.environ.get("FLOWFACTORY_TEST_NAN", "")
-        epoch, _, rank = spec.partition(":")
-        self.epoch, self.rank = (int(epoch) if epoch else -1), (int(rank) if rank else None)
-
-    def setup(self, policy, sampler):
-        return None
-
-    def units(self, batch):
-        return batch.trajectory.stochastic_steps()
-
-    def loss(self, policy, sampler, batch, unit):
-        from flowfactory.types import LossOutput
-
-        lp = sampler.log_prob(policy, batch.trajectory, unit, batch.cond).log_prob
-        loss = -batch.advantages * lp
-        here = self.rank is None or int(os.environ.get("RANK", "0")) == self.rank
-        if here and batch.row_keys()[0][0] == self.epoch:
-            loss = loss * float("nan")
-        return LossOutput(loss=loss)
-
-
-class _TestAlgorithms:
-    @hookimpl
-    def register_optimizers(self, register):
-        register("nan-pg", lambda options, ctx: NanPG(), summary="Test: REINFORCE whose loss goes NaN on demand.")
-
-
 plugins._STATE = plugins.load(extra_plugins=[(toy_plugin, "flowfactory-testing", "0"),
-                                             (_TestAlgorithms(), "tests", "0")], strict=True)
+                                             (TestComponents(), "tests", "0")], strict=True)
 
 
 class _FullDisk:

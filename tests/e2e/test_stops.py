@@ -206,3 +206,21 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_afresh(to
     assert "holds no checkpoint yet; --resume starts the run from epoch 1" in res.stderr
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3, 4]
     assert same_weights(out, whole)
+
+
+def test_a_failure_in_eval_after_the_update_saves_no_mislabelled_checkpoint(toy_config, tmp_path):
+    """Epoch 2's update is done when its eval's reward fails: a checkpoint labelled 1 must not get epoch 2's
+    weights, so nothing new is saved, and --resume replays epoch 2 to the uninterrupted result."""
+    path = toy_config(rewards=[{"name": "flaky-on-one-process"}],
+                      train={"epochs": 4, "eval_every": 1, "eval_prompts": 2, "sample_every": 0, "checkpoint_every": 1,
+                             "keep_checkpoints": 10})
+    whole = tmp_path / "whole"
+    assert ff("run", str(path), "--output", str(whole)).returncode == 0
+    out = tmp_path / "r"
+    # calls: 1 train e1, 2 eval e1, 3 train e2, 4 eval e2 <- fails after epoch 2's update
+    res = ff("run", str(path), "--output", str(out), env={"FLOWFACTORY_TEST_FAIL": "0:4"})
+    assert res.returncode == 2 and "judge unreachable" in res.stderr, res.stderr
+    assert checkpoint_epochs(out) == [1] and [r["epoch"] for r in rows(out)] == [1]
+    assert_labels_match_content(out, whole)
+    assert ff("run", str(path), "--output", str(out), "--resume").returncode == 0
+    assert same_weights(out, whole)
