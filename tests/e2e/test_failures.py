@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from runs import free_port, rows, same_weights, train
 
-from flowfactory.config import load
 from flowfactory.train import checkpoint as ckpt
-from flowfactory.train import run
 from flowfactory.train.runfolder import RunLock
 
 HERE = Path(__file__).parent
@@ -47,30 +45,8 @@ def assert_one_message(res: subprocess.CompletedProcess, *fragments: str) -> Non
         assert fragment in err, (fragment, err)
 
 
-def free_port() -> int:
-    """A TCP port free right now, for a torchrun rendezvous (a fixed one can collide with a parallel test run)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "final" / "toy.pt")
-
-
 def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def train(path: Path, out: Path, overrides: list[str] | None = None):
-    cfg, options = load(path, overrides)
-    return run(cfg, options, output_dir=str(out), show_progress=False)
+    assert same_weights(a, b)
 
 
 # --- one run at a time -------------------------------------------------------------------------------------

@@ -12,40 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import free_port, rows, train, weights
 
-from flowfactory.config import load
 from flowfactory.errors import FlowFactoryError
 from flowfactory.train import checkpoint as ckpt
-from flowfactory.train import run
 
 HERE = Path(__file__).parent
 FSDP = {"parallel": {"strategy": "fsdp"}}
 ODE6 = {"name": "ode", "options": {"steps": 6}}
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "FLOWFACTORY_STRICT_PLUGINS": "1", "OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (a fixed one can still be held by a previous launch)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rows(out: Path) -> list[dict]:
-    import json
-
-    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "final" / "toy.pt")
-
-
-def train(path: Path, out: Path, overrides: list[str] | None = None, resume: bool = False):
-    cfg, options = load(path, overrides)
-    return run(cfg, options, output_dir=str(out), resume=resume, show_progress=False)
 
 
 def torchrun(path: Path, out: Path, *args: str, port: int, check: bool = True, timeout: float = 300,

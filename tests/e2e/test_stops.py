@@ -5,7 +5,6 @@ checkpoints whose label matches their content, and bit-identical weights after -
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import free_port, rows, same_weights, weights
 
 from flowfactory.train import checkpoint as ckpt
 
@@ -33,28 +33,6 @@ def ff(*args: str, env: dict | None = None, procs: int = 1, port: int | None = N
         return subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
     return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (a fixed one can still be held by a previous launch)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "final" / "toy.pt")
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def checkpoint_epochs(out: Path) -> list[int]:
