@@ -116,6 +116,7 @@ class Recipe:
         self.progress: Any = None
         self.lock: runfolder.RunLock | None = None  # held on the output folder from setup to the run's end
         self.stop_signal: str | None = None  # set by the first SIGINT/SIGTERM: stop at the next safe point
+        self.stop_agreed: str | None = None  # the stop every process saw at the last agreement point
         self.finish_only = False  # --resume of a run whose epochs are all done but whose final/ is not
         self.skipped_steps = 0  # optimizer steps not applied because a gradient was non-finite
 
@@ -340,10 +341,11 @@ class Recipe:
         return previous
 
     def _stop_if_asked(self) -> None:
-        """Raise RunInterrupted on every process when any was asked to stop (after an agreement point)."""
-        if self.stop_signal is not None:
-            code = 143 if self.stop_signal == "SIGTERM" else 130
-            raise RunInterrupted(self.stop_signal, code)
+        """Raise RunInterrupted on every process when the last agreement point said one was asked to stop; all
+        decide from the same gathered flags, so they stop at the same point."""
+        if self.stop_agreed is not None:
+            code = 143 if self.stop_agreed == "SIGTERM" else 130
+            raise RunInterrupted(self.stop_agreed, code)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch: rollouts, rewards and advantages over the global batch, the update, then its metrics row."""
@@ -583,6 +585,7 @@ class Recipe:
         """Every process learns, through one collective, whether any process failed; each then raises the
         first failure (its own, or the failing process's message), so none is left waiting in a collective."""
         if self.world == 1:
+            self.stop_agreed = self.stop_signal
             if error is not None:
                 raise error
             return
@@ -593,8 +596,12 @@ class Recipe:
         buf[1] = {None: 0, "SIGINT": 1}.get(self.stop_signal, 2)  # a stop asked of this process
         buf[2:2 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else buf[2:2]
         everyone = self.accelerator.gather(buf.to(self.device)).cpu().view(self.world, size)
-        if self.stop_signal is None and bool((everyone[:, 1] != 0).any()):
-            self.stop_signal = "SIGINT" if int(everyone[:, 1].max()) == 1 else "SIGTERM"
+        # what every process decides from: the flags as gathered. A signal landing on this process after its
+        # buffer was built is in no one's view yet (its own neither): it is carried to the next agreement
+        asked = everyone[:, 1]
+        if bool((asked != 0).any()):
+            self.stop_agreed = "SIGINT" if int(asked.max()) == 1 else "SIGTERM"
+            self.stop_signal = self.stop_signal or self.stop_agreed
         if error is not None:
             raise error
         failed = [r for r in range(self.world) if everyone[r, 0] != 0]
