@@ -298,7 +298,7 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
             problems += _pydantic_problems(exc, prefix=f"{key}.options", model=spec.options,
                                            listing=f"`ff show {kind} {name}` lists the options")
             continue
-        options[key], found = resolve_paths(options[key], _config_dir(source), f"{key}.options")
+        options[key], found = resolve_paths(options[key], config_dir(source), f"{key}.options")
         problems += found
 
     if cfg is not None and not problems:
@@ -330,7 +330,9 @@ def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str,
     return None
 
 
-def _config_dir(source: str) -> Path | None:
+def config_dir(source: str) -> Path | None:
+    """The folder of the config file `source`, which relative paths in it are resolved against; None for a
+    config that came from no file (`<config>`)."""
     return Path(source).parent if source and not source.startswith("<") else None
 
 
@@ -367,7 +369,7 @@ def _cross_checks(cfg: RunConfig, source: str) -> list[tuple[str, str]]:
 
     t = cfg.train
     probs = []
-    base = Path(source).parent if source and not source.startswith("<") else None
+    base = config_dir(source)
     for key, spec in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if spec is None:
             continue

@@ -157,11 +157,10 @@ def _shard(n: int, processes: int, sharded: bool) -> int:
 
 def count_prompts(cfg: Any, source: str) -> int:
     """Distinct prompts the run encodes (train set, plus the eval prompts used), capped by the cache size."""
-    from pathlib import Path
-
+    from flowfactory.config import config_dir
     from flowfactory.train.data import load_prompts
 
-    base = Path(source).parent if source and not source.startswith("<") else None
+    base = config_dir(source)
     prompts = set(load_prompts(cfg.data.train, base, "data.train"))
     t = cfg.train
     if cfg.data.eval is not None and t.eval_every > 0:

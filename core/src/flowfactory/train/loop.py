@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowfactory.config import RunConfig, sampler_mismatch
+from flowfactory.config import RunConfig, config_dir, sampler_mismatch
 from flowfactory.errors import FlowFactoryError, NonFiniteError, RewardError, RunInterrupted
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: its old import path)
@@ -118,7 +118,6 @@ class Recipe:
         self.stop_signal: str | None = None  # set by the first SIGINT/SIGTERM: stop at the next safe point
         self.stop_agreed: str | None = None  # the stop every process saw at the last agreement point
         self.finish_only = False  # --resume of a run whose epochs are all done but whose final/ is not
-        self.skipped_steps = 0  # optimizer steps not applied because a gradient was non-finite
 
     # ================================================================================================ setup
     def setup(self) -> None:
@@ -189,8 +188,7 @@ class Recipe:
 
     def _load_prompts(self) -> None:
         """Prompts first: a bad prompt file must not cost a model load."""
-        cfg, source = self.cfg, self.source
-        base_dir = Path(source).parent if source and not source.startswith("<") else None
+        cfg, base_dir = self.cfg, config_dir(self.source)
         self.train_prompts = load_prompts(cfg.data.train, base_dir, "data.train")
         self.eval_prompts = (load_prompts(cfg.data.eval, base_dir, "data.eval")[: self.t.eval_prompts]
                              if cfg.data.eval else [])
@@ -219,8 +217,9 @@ class Recipe:
                                  timeouts={r.name: r.timeout for r in cfg.rewards})
         self.hooks = AlgorithmHooks(self.algorithm)
         cache_dir = self.t.conditioning_cache
-        if cache_dir is not None and not Path(cache_dir).is_absolute() and not self.source.startswith("<"):
-            cache_dir = str(Path(self.source).parent / cache_dir)
+        base_dir = config_dir(self.source)
+        if cache_dir is not None and not Path(cache_dir).is_absolute() and base_dir is not None:
+            cache_dir = str(base_dir / cache_dir)
         self.encode = ConditioningCache(self.policy, capacity=512, directory=cache_dir)
 
     def _parallelize(self) -> None:
@@ -506,7 +505,6 @@ class Recipe:
             message = (f"non-finite {what} in {where}, optimizer `{self.cfg.optimizer.name}`; the step was not "
                        f"applied, so the weights are those before it")
             if t.nonfinite == "skip":
-                self.skipped_steps += 1
                 if self.main:
                     print(f"flowfactory: {message} (train.nonfinite: skip)", file=sys.stderr)
                 return None
