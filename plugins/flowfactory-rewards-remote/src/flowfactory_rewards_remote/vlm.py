@@ -1,0 +1,155 @@
+"""The `vlm-judge` reward: a vision-language model behind an OpenAI-compatible chat-completions endpoint (vLLM,
+SGLang serving Qwen2.5-VL, UnifiedReward, ...) judges each image against its prompt.
+
+One request per image (a PNG data URL and the question), temperature 0, `max_concurrency` in flight. Two score
+modes: `yes-probability` reads the first answer token's `top_logprobs` and returns P(yes) / (P(yes) + P(no));
+`number` returns the first number of the answer (after `number_after`, if set) divided by `max_score`. An answer
+that gives neither is a RewardError quoting it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import re
+from typing import Any
+
+import torch
+
+from flowfactory.errors import FlowFactoryError, RewardError
+from flowfactory.types import Samples
+from flowfactory_rewards_remote import VLMJudgeOptions
+from flowfactory_rewards_remote.http import Client
+from flowfactory_rewards_remote.remote import quantise
+
+NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def png_data_url(image_hwc: Any) -> str:
+    """A uint8 [H, W, C] array as a `data:image/png;base64,...` URL."""
+    from PIL import Image
+
+    arr = image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _quote(text: str, limit: int = 300) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+class VLMJudge:
+    groupwise = False
+    handles_video = False  # the core scores a video as the mean over its frames
+
+    def __init__(self, options: VLMJudgeOptions):
+        self.options = options
+        headers = {}
+        if options.api_key_env is not None:
+            key = os.environ.get(options.api_key_env, "")
+            if not key:
+                raise FlowFactoryError(f"vlm-judge: option api_key_env names the environment variable "
+                                       f"{options.api_key_env}, which is not set or is empty. Export the API key "
+                                       f"(export {options.api_key_env}=...) or set api_key_env: null.")
+            headers["Authorization"] = f"Bearer {key}"
+        self.client = Client(what=f"vlm-judge {options.model!r}", timeout=options.timeout, retries=options.retries,
+                             backoff=options.backoff, max_concurrency=options.max_concurrency, headers=headers,
+                             hint=f"Check that the OpenAI-compatible server at {options.base_url} is running and "
+                                  "serves the model, or raise the option timeout or retries")
+        self.url = f"{options.base_url}/chat/completions"
+        fold = (lambda t: t.strip()) if options.case_sensitive else (lambda t: t.strip().lower())
+        self._fold = fold
+        self._yes = {fold(t) for t in options.yes_tokens}
+        self._no = {fold(t) for t in options.no_tokens}
+        if options.check_model:
+            self._check_model()
+
+    def _check_model(self) -> None:
+        url = f"{self.options.base_url}/models"
+        try:
+            data = self.client.request("GET", url, at_start=True).json()
+            ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+        except (ValueError, AttributeError):
+            raise FlowFactoryError(f"vlm-judge: GET {url} did not answer an OpenAI model list; is option base_url "
+                                   "an OpenAI-compatible API (ending in /v1)? Or set check_model: false.") from None
+        if self.options.model not in ids:
+            raise FlowFactoryError(f"vlm-judge: the server at {self.options.base_url} serves "
+                                   f"{', '.join(map(repr, ids)) or 'no model'}, not {self.options.model!r} (option "
+                                   "model). Set model to one of those.")
+
+    def request_body(self, prompt: str, data_url: str) -> dict[str, Any]:
+        o = self.options
+        question = o.prompt_template.replace("{prompt}", prompt)
+        messages: list[dict[str, Any]] = []
+        if o.system_prompt:
+            messages.append({"role": "system", "content": o.system_prompt})
+        messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                                      {"type": "text", "text": question}]})
+        body: dict[str, Any] = {"model": o.model, "messages": messages, "temperature": 0,
+                                "max_tokens": o.max_tokens or (1 if o.mode == "yes-probability" else 512)}
+        if o.mode == "yes-probability":
+            body.update(logprobs=True, top_logprobs=o.top_logprobs)
+        return body
+
+    def _judge(self, item: tuple[str, str]) -> float:
+        prompt, data_url = item
+        resp = self.client.request("POST", self.url, json=self.request_body(prompt, data_url))
+        try:
+            choice = resp.json()["choices"][0]
+            answer = choice["message"].get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise RewardError(f"vlm-judge: POST {self.url} answered no chat completion: {resp.text[:300]!r}") from None
+        if self.options.mode == "number":
+            return self.number(answer)
+        return self.yes_probability(choice, answer)
+
+    def number(self, answer: str) -> float:
+        text = answer
+        marker = self.options.number_after
+        if marker is not None:
+            at = answer.find(marker)
+            if at < 0:
+                raise RewardError(f"vlm-judge: the answer has no {marker!r} (option number_after): {_quote(answer)}")
+            text = answer[at + len(marker):]
+        found = NUMBER.search(text)
+        if found is None:
+            raise RewardError(f"vlm-judge: no number in the answer {_quote(answer)}; change prompt_template so "
+                              "the model answers with a score, or use mode: yes-probability")
+        return float(found.group()) / self.options.max_score
+
+    def yes_probability(self, choice: dict[str, Any], answer: str) -> float:
+        content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+        if not content:
+            raise RewardError(f"vlm-judge: the server returned no logprobs for the answer {_quote(answer)}; "
+                              "mode yes-probability needs `logprobs`/`top_logprobs` (vLLM and SGLang give them), "
+                              "or use mode: number")
+        first = next((t for t in content if isinstance(t, dict) and str(t.get("token", "")).strip()), None)
+        if first is None:
+            raise RewardError(f"vlm-judge: the answer {_quote(answer)} has no non-blank token")
+        p_yes = p_no = 0.0
+        seen = []
+        for alt in first.get("top_logprobs") or [first]:
+            token, logprob = str(alt.get("token", "")), alt.get("logprob")
+            seen.append(token)
+            if not isinstance(logprob, (int, float)):
+                continue
+            key = self._fold(token)
+            if key in self._yes:
+                p_yes += math.exp(logprob)
+            elif key in self._no:
+                p_no += math.exp(logprob)
+        if p_yes + p_no <= 0:
+            raise RewardError(f"vlm-judge: neither a yes token {sorted(self._yes)} nor a no token {sorted(self._no)} "
+                              f"is among the first answer token's alternatives {seen[:10]} (answer {_quote(answer)}); "
+                              "set yes_tokens/no_tokens, or ask for a yes/no answer in prompt_template")
+        return p_yes / (p_yes + p_no)
+
+    def score(self, samples: Samples) -> torch.Tensor:
+        if samples.images is None:
+            raise RewardError("vlm-judge scores images; got samples without images")
+        images = quantise(samples.images)
+        items = [(p, png_data_url(img)) for p, img in zip(samples.prompts, images)]
+        return torch.tensor(self.client.map(self._judge, items), dtype=torch.float32)
