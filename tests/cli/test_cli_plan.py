@@ -64,4 +64,4 @@ def test_plan_errors_are_one_message(tmp_path: Path, user_error) -> None:
     pytest.importorskip("flowfactory_grpo")
     path = write(tmp_path, {"name": "toy"}, prompts_per_epoch=2, group_size=3)
     user_error(invoke("plan", str(path), "--processes", "4", state=ff_plugins.load(
-        extra_plugins=[(toy_plugin, "flowfactory-testing", "0")])), "6 rollouts per epoch", "4 processes")
+        extra_plugins=[(toy_plugin, "flowfactory-testing", "0")])), "2 prompts (groups) per epoch", "4 processes")

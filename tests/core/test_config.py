@@ -109,7 +109,26 @@ def test_structural_checks(plugin_state, config_file) -> None:
     with pytest.raises(ConfigError) as exc:
         ff_config.load(config_file(train={"prompts_per_epoch": 3, "group_size": 3, "steps_per_epoch": 2}),
                        registry=reg)
-    assert _problems(exc) == {"train.steps_per_epoch": "must divide prompts_per_epoch * group_size = 9"}
+    assert _problems(exc) == {"train.steps_per_epoch": "must divide the rollouts each process trains on: "
+                                                       "prompts_per_epoch * group_size = 9 over one process"}
+
+
+def test_the_epoch_splits_over_processes_on_group_boundaries(plugin_state, config_file) -> None:
+    """3 prompts x 4 on 2 processes would give a process half a group: refused for that launch, with the fix."""
+    reg = plugin_state.registry
+    path = config_file(train={"prompts_per_epoch": 3, "group_size": 4})
+    ff_config.load(path, registry=reg)  # one process takes every group
+    with pytest.raises(ConfigError) as exc:
+        ff_config.load(path, registry=reg, processes=2)
+    assert _problems(exc) == {"train.prompts_per_epoch": (
+        "3 prompts (groups) per epoch do not split evenly over 2 processes: each process takes whole groups. "
+        "Use a multiple of 2, or launch a divisor of 3 processes")}
+    with pytest.raises(ConfigError) as exc:
+        ff_config.load(config_file(train={"prompts_per_epoch": 4, "group_size": 3, "steps_per_epoch": 4}),
+                       registry=reg, processes=2)
+    assert _problems(exc) == {"train.steps_per_epoch": "must divide the rollouts each process trains on: "
+                                                       "prompts_per_epoch * group_size = 12 over 2 processes, so 6 per "
+                                                       "process"}
 
 
 @pytest.mark.parametrize(("override", "check"), [

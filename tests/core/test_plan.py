@@ -29,7 +29,7 @@ def toy_config(registry: Registry, **train: Any) -> tuple[Any, dict[str, Any]]:
             "sampler": {"name": "flow-sde", "options": {"steps": 4}},
             "rewards": [{"name": "brightness"}], "optimizer": {"name": "toy-grpo"},
             "data": {"train": "colours", "eval": None},
-            "train": {"prompts_per_epoch": 2, "group_size": 4, **train}}
+            "train": {"prompts_per_epoch": 2, "group_size": 4} | train}
     return ff_config.validate(data, "<test>", registry)
 
 
@@ -88,8 +88,9 @@ def test_toy_plan_equals_the_bytes_of_real_tensors(registry: Registry) -> None:
 
 def test_fsdp_shards_the_trained_model_and_ddp_adds_buckets(registry: Registry) -> None:
     one = plan_memory(*toy_config(registry), registry)
-    fsdp = plan_memory(*toy_config(registry, parallel={"strategy": "fsdp"}), registry, processes=4)
-    ddp = plan_memory(*toy_config(registry), registry, processes=4)
+    # 4 prompts: each of the 4 processes takes one whole group
+    fsdp = plan_memory(*toy_config(registry, prompts_per_epoch=4, parallel={"strategy": "fsdp"}), registry, processes=4)
+    ddp = plan_memory(*toy_config(registry, prompts_per_epoch=4), registry, processes=4)
     trainable = one.row("trainable parameters").bytes
     assert fsdp.row("trainable parameters").bytes == math.ceil(trainable / 4)
     assert fsdp.row("gradients").bytes == math.ceil(trainable / 4)
@@ -117,7 +118,7 @@ def test_ema_offload_and_gathered_weights(registry: Registry) -> None:
 
 
 def test_uneven_split_and_unplannable_policy_are_clear_errors(registry: Registry, plugin_state: Any) -> None:
-    with pytest.raises(FlowFactoryError, match=r"8 rollouts per epoch must split evenly over 3 processes"):
+    with pytest.raises(FlowFactoryError, match=r"2 prompts \(groups\) per epoch do not split evenly over 3 processes"):
         plan_memory(*toy_config(registry), registry, processes=3)
     reg = plugin_state.registry
     data = {"policy": {"name": "tiny-policy"}, "sampler": {"name": "ode", "options": {"steps": 2}},

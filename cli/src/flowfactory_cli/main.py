@@ -174,18 +174,24 @@ SetOption = Annotated[list[str] | None, typer.Option(
 ConfigArgument = Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML run config.", show_default=False)]
 
 
-def _load_config(ctx: click.Context, config: Path, overrides: list[str] | None
+ProcessesOption = Annotated[int, typer.Option(
+    "--processes", "-n", min=1, help="Processes the run will be launched with (its world size).")]
+
+
+def _load_config(ctx: click.Context, config: Path, overrides: list[str] | None, processes: int = 1
                  ) -> tuple[RunConfig, dict[str, BaseModel]]:
     from flowfactory import config as ff_config
 
     state = _state(ctx)
     _note_plugin_failures(state)
-    return ff_config.load(config, list(overrides or []), registry=state.registry)
+    return ff_config.load(config, list(overrides or []), registry=state.registry, processes=processes)
 
 
-def validate(ctx: typer.Context, config: ConfigArgument, overrides: SetOption = None) -> None:
-    """Check a run config without loading any weights; print a summary of the run or every problem."""
-    cfg, _ = _load_config(ctx, config, overrides)
+def validate(ctx: typer.Context, config: ConfigArgument, overrides: SetOption = None,
+             processes: ProcessesOption = 1) -> None:
+    """Check a run config, for a launch over N processes, without loading any weights; print a summary of the
+    run or every problem."""
+    cfg, _ = _load_config(ctx, config, overrides, processes)
     console = out()
     console.print(f"[green]{escape(str(config))} is valid.[/]")
     console.print(render.config_summary(cfg, _state(ctx).registry))
@@ -195,12 +201,11 @@ def plan(
     ctx: typer.Context,
     config: ConfigArgument,
     overrides: SetOption = None,
-    processes: Annotated[int, typer.Option(
-        "--processes", "-n", min=1, help="Processes the run will be launched with (its world size).")] = 1,
+    processes: ProcessesOption = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (bytes) instead of tables.")] = False,
 ) -> None:
     """Per-process memory of a run before launch, from the model's config alone (no weights loaded)."""
-    cfg, options = _load_config(ctx, config, overrides)
+    cfg, options = _load_config(ctx, config, overrides, processes)
     from flowfactory.plan import plan_memory
 
     record = plan_memory(cfg, options, _state(ctx).registry, processes, source=str(config)).to_dict()

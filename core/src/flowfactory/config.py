@@ -93,8 +93,9 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (> 0); null disables.")
     adv_std: Literal["group", "global", "none"] = Field("group", description="Std used to scale advantages.")
     adv_clip: float | None = Field(5.0, gt=0, description="Advantages clipped to [-c, c] (c > 0); null disables.")
-    reward_combine: Literal["sum", "group-normalize"] = Field(
-        "sum", description="Weighted sum of rewards, or weighted sum of per-reward group-normalised advantages.")
+    reward_combine: Literal["sum", "group-normalize", "gdpo"] = Field(
+        "sum", description="`sum`: normalise the weighted sum of rewards; `group-normalize`: weighted sum of each "
+                           "reward's group-normalised advantage; `gdpo`: that sum, normalised again over the batch.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Accelerate autocast for rollouts and losses; bf16 on GPUs that support it.")
     ema: EMAConfig = Field(default_factory=EMAConfig, description="Exponential moving average of the weights.")
@@ -254,8 +255,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def validate(data: dict[str, Any], source: str = "<config>", registry: Any = None) -> tuple[RunConfig, dict[str, BaseModel]]:
-    """Validate a config dict. Returns the RunConfig and each component's validated options.
+def validate(data: dict[str, Any], source: str = "<config>", registry: Any = None,
+             processes: int = 1) -> tuple[RunConfig, dict[str, BaseModel]]:
+    """Validate a config dict for a launch over `processes` processes. Returns the RunConfig and each
+    component's validated options.
 
     Keys of the options dict: "policy", "sampler", "optimizer", "rewards[i]". Raises ConfigError with
     every problem found (structure, unknown components, component options).
@@ -302,7 +305,7 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
         problems += found
 
     if cfg is not None and not problems:
-        problems += _cross_checks(cfg, source)
+        problems += _cross_checks(cfg, source, processes)
     if cfg is not None and not problems:
         # Builds the sampler and the algorithm (cheap: no weights) to check they fit together.
         ctx = BuildContext(seed=cfg.seed)
@@ -364,7 +367,28 @@ def resolve_paths(options: BaseModel, base: Path | None, location: str) -> tuple
     return (options.model_copy(update=updates) if updates else options), problems
 
 
-def _cross_checks(cfg: RunConfig, source: str) -> list[tuple[str, str]]:
+def split_problems(cfg: RunConfig, processes: int = 1) -> list[tuple[str, str]]:
+    """Why the epoch cannot be split over `processes` processes and `train.steps_per_epoch` optimizer steps.
+
+    Each process takes whole groups (prompts_per_epoch / processes of them), so a groupwise reward always sees
+    every rollout of a prompt and the rollouts of a prompt stay on one process; each process's rows then split
+    evenly into the optimizer steps."""
+    t = cfg.train
+    if t.prompts_per_epoch % processes:
+        return [("train.prompts_per_epoch",
+                 f"{t.prompts_per_epoch} prompts (groups) per epoch do not split evenly over {processes} processes: "
+                 f"each process takes whole groups. Use a multiple of {processes}, or launch a divisor of "
+                 f"{t.prompts_per_epoch} processes")]
+    local = t.prompts_per_epoch // processes * t.group_size
+    if local % t.steps_per_epoch:
+        per = f"{processes} processes, so {local} per process" if processes > 1 else "one process"
+        return [("train.steps_per_epoch",
+                 f"must divide the rollouts each process trains on: prompts_per_epoch * group_size = "
+                 f"{t.prompts_per_epoch * t.group_size} over {per}")]
+    return []
+
+
+def _cross_checks(cfg: RunConfig, source: str, processes: int = 1) -> list[tuple[str, str]]:
     from flowfactory.train.data import load_prompts
 
     t = cfg.train
@@ -377,18 +401,17 @@ def _cross_checks(cfg: RunConfig, source: str) -> list[tuple[str, str]]:
             load_prompts(spec, base, key)
         except FlowFactoryError as exc:
             probs.append((key, str(exc).removeprefix(f"{key}: ")))
-    n = t.prompts_per_epoch * t.group_size
-    if n % t.steps_per_epoch:
-        probs.append(("train.steps_per_epoch", f"must divide prompts_per_epoch * group_size = {n}"))
+    probs += split_problems(cfg, processes)
     if t.parallel.strategy == "fsdp" and t.mixed_precision == "fp16":
         probs.append(("train.mixed_precision", "fp16 needs a gradient scaler, which FSDP2 sharding does not use; "
                                                "use bf16, or train.parallel.param_dtype: bfloat16"))
     return probs
 
 
-def load(path: str | Path, overrides: list[str] | None = None, registry: Any = None) -> tuple[RunConfig, dict[str, BaseModel]]:
-    """Load, override and validate a YAML run config."""
+def load(path: str | Path, overrides: list[str] | None = None, registry: Any = None,
+         processes: int = 1) -> tuple[RunConfig, dict[str, BaseModel]]:
+    """Load, override and validate a YAML run config (for a launch over `processes` processes)."""
     data = load_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides, str(path))
-    return validate(data, str(path), registry)
+    return validate(data, str(path), registry, processes)

@@ -192,11 +192,11 @@ def plan_memory(cfg: Any, options: Mapping[str, Any], registry: Any, processes: 
     if processes < 1:
         raise FlowFactoryError(f"--processes must be at least 1, got {processes}")
     t, par = cfg.train, cfg.train.parallel
-    n_global = t.prompts_per_epoch * t.group_size
-    if n_global % processes:
-        raise FlowFactoryError(
-            f"{source}: train.prompts_per_epoch * train.group_size = {n_global} rollouts per epoch must split evenly "
-            f"over {processes} processes; change one of them or --processes.")
+    from flowfactory.config import split_problems
+
+    problems = split_problems(cfg, processes)
+    if problems:
+        raise FlowFactoryError(f"{source}: {problems[0][0]}: {problems[0][1]}")
     plan, need = policy_plan(cfg, options, registry)
     sampler = registry.get("sampler", cfg.sampler.name).create(options["sampler"], BuildContext(seed=cfg.seed))
     steps = int(sampler.steps)
@@ -249,7 +249,7 @@ def plan_memory(cfg: Any, options: Mapping[str, Any], registry: Any, processes: 
 
     prompts = count_prompts(cfg, source)
     per_prompt = plan.prompt_bytes
-    n_local = n_global // processes
+    n_local = t.prompts_per_epoch * t.group_size // processes
     keep_steps = need.keep == "steps"
     states = steps + 2 if keep_steps else 1  # x_0..x_S stacked, plus `final` (its own tensor)
     logp = 4 * steps if keep_steps else 0

@@ -2,8 +2,11 @@
 
 Rewards of rollouts that share a prompt form a group; an advantage is the reward minus its group's mean,
 divided by the group's std, the std over all rollouts ("global"), or 1 ("none"), then clipped.
-Several rewards are combined either before normalising (weighted sum) or after (weighted sum of each
-reward's normalised advantage, so a reward's scale does not drown the others).
+Several rewards are combined either before normalising (`sum`: weighted sum of the rewards), or after
+(`group-normalize`: weighted sum of each reward's normalised advantage, so a reward's scale does not drown the
+others), or as GDPO does (`gdpo`, Liu et al. 2026, arXiv 2601.05242: each reward normalised within its group,
+the weighted sum, then that sum normalised over the whole batch, so its range does not grow with the number of
+rewards).
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ def compute_advantages(
     *,
     std: Literal["group", "global", "none"] = "group",
     clip: float | None = 5.0,
-    combine: Literal["sum", "group-normalize"] = "sum",
+    combine: Literal["sum", "group-normalize", "gdpo"] = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (advantages [N] float32, combined reward [N] float32)."""
+    """Returns (advantages [N] float32, combined reward [N] float32). `rewards` and `group_ids` cover the whole
+    global batch (every process's samples)."""
     total = sum(weights[k] * rewards[k].double() for k in rewards).float()
     if combine == "sum":
         adv = group_normalize(total, group_ids, std)
     else:
         adv = sum(weights[k] * group_normalize(rewards[k], group_ids, std) for k in rewards)
+        if combine == "gdpo":
+            adv = adv.double()
+            adv = ((adv - adv.mean()) / (adv.std(unbiased=False) + EPS)).float()
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.float(), total

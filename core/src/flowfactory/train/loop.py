@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowfactory.config import RunConfig, config_dir, sampler_mismatch
+from flowfactory.config import RunConfig, config_dir, sampler_mismatch, split_problems
 from flowfactory.errors import FlowFactoryError, NonFiniteError, RewardError, RunInterrupted
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: its old import path)
@@ -155,12 +155,10 @@ class Recipe:
                 f"use; use bf16, or train.parallel.param_dtype: bfloat16")
         # FSDP over one process shards nothing: it is the plain single-process run
         self.fsdp = strategy == "fsdp" and self.world > 1
-        n_global = t.prompts_per_epoch * t.group_size
-        if n_global % (self.world * t.steps_per_epoch):
-            raise FlowFactoryError(
-                f"{self.source}: train.prompts_per_epoch * train.group_size = {n_global} rollouts per epoch must split "
-                f"evenly over {self.world} processes x {t.steps_per_epoch} steps_per_epoch; change one of them.")
-        self.n_local = n_global // self.world
+        problems = split_problems(self.cfg, self.world)
+        if problems:
+            raise FlowFactoryError(f"{self.source}: {problems[0][0]}: {problems[0][1]}")
+        self.n_local = t.prompts_per_epoch * t.group_size // self.world
 
     def _prepare_output(self) -> None:
         """Never overwrite a run unless asked to resume it; a resume must use the config the run started with."""
