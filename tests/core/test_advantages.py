@@ -108,6 +108,26 @@ def test_compute_advantages_group_normalize_weights_each_normalised_reward() -> 
     assert corr_norm > corr_sum + 0.2
 
 
+def test_compute_advantages_gdpo_normalises_the_weighted_sum_over_the_batch() -> None:
+    """GDPO (arXiv 2601.05242): per-reward group normalisation, weighted sum, then batch normalisation."""
+    r, ids = rewards_and_ids(4)
+    r2 = np.random.default_rng(6).uniform(size=r.size) * 50
+    rewards = {"a": torch.tensor(r, dtype=torch.float32), "b": torch.tensor(r2, dtype=torch.float32)}
+    adv, _ = compute_advantages(rewards, {"a": 1.0, "b": 2.0}, torch.tensor(ids), clip=None, combine="gdpo")
+    a32, b32 = r.astype(np.float32).astype(np.float64), r2.astype(np.float32).astype(np.float64)
+    summed = np_group_normalize(a32, ids, "group") + 2.0 * np_group_normalize(b32, ids, "group")
+    expected = (summed - summed.mean()) / (summed.std() + 1e-4)
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert abs(float(adv.mean())) < 1e-6 and abs(float(adv.std(unbiased=False)) - 1.0) < 1e-3
+    # the range does not grow with the number of rewards, unlike group-normalize's sum
+    many = {f"r{k}": torch.tensor(np.random.default_rng(k).uniform(size=r.size), dtype=torch.float32)
+            for k in range(6)}
+    weights = dict.fromkeys(many, 1.0)
+    gn, _ = compute_advantages(many, weights, torch.tensor(ids), clip=None, combine="group-normalize")
+    gd, _ = compute_advantages(many, weights, torch.tensor(ids), clip=None, combine="gdpo")
+    assert float(gn.std()) > 1.5 and abs(float(gd.std(unbiased=False)) - 1.0) < 1e-3
+
+
 @pytest.mark.parametrize("std", ["global", "none"])
 def test_compute_advantages_std_modes(std: str) -> None:
     r, ids = rewards_and_ids(6)
