@@ -49,6 +49,12 @@ class TestOnRenderedText:
         assert scored[6] == pytest.approx(0.9, abs=0.1)   # one substitution in 10
         assert scored[7] < 0.3                            # "bakery": 9 edits for 10 characters
 
+    def test_whitespace_is_removed_because_pp_ocr_drops_spaces(self, make_reward, render):
+        image, prompt = render("OPEN 24 HOURS"), SIGN.format("OPEN 24 HOURS")
+        assert make_reward().read((image.permute(1, 2, 0) * 255).round().byte().numpy()) == "OPEN24HOURS"
+        collapsed = scores(make_reward(whitespace="collapse"), [image], [prompt])[0]
+        assert collapsed == pytest.approx(1 - 2 / 13)  # the perfect image, two "missing" spaces
+
 
 def test_scores_against_the_quoted_text_not_the_whole_prompt(make_reward, render):
     """Flow-Factory's bug: the read text was compared with the whole prompt, so a perfect image scored low."""
