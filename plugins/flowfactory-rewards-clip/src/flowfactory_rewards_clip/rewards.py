@@ -290,6 +290,10 @@ def clip_from_open_clip(state_dict: dict[str, torch.Tensor], architecture: str, 
 
     example = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     _check_source(architecture, arch_where, "CLIPModel", example)
+    folder = Path(architecture).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise FlowFactoryError(f"{arch_where}: the folder has no config.json; give a folder written by "
+                               f"CLIPModel.save_pretrained (or CLIPConfig.save_pretrained) or a hub id such as {example}.")
     try:
         with quiet_loading():
             config = CLIPConfig.from_pretrained(architecture)
@@ -302,8 +306,9 @@ def clip_from_open_clip(state_dict: dict[str, torch.Tensor], architecture: str, 
     try:
         missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
     except RuntimeError as exc:
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:4] if line.strip())
         raise FlowFactoryError(f"{where}: the checkpoint does not fit the CLIP of {arch_where} "
-                               f"({_first_line(exc)}); give the matching architecture.") from exc
+                               f"({detail or _first_line(exc)}); give the matching architecture.") from exc
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise FlowFactoryError(f"{where}: the checkpoint does not fit the CLIP of {arch_where}: missing "
