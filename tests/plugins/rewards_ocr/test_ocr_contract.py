@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from conftest import render_text
+from ocr_rendering import render_text
 
 from flowfactory.testing import RewardContract
 
