@@ -54,3 +54,14 @@ def test_readme_tables_list_every_option_and_its_configs_validate() -> None:
             MODELS[entry["name"]].model_validate(entry.get("options", {}))
             seen.add(entry["name"])
     assert seen == set(MODELS)
+
+
+def test_relative_weight_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    from flowfactory.config import resolve_paths
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "hps.pt").write_bytes(b"")
+    options, problems = resolve_paths(pkg.HPSv2Options(checkpoint="weights/hps.pt"), tmp_path, "rewards[0].options")
+    assert problems == [] and options.checkpoint == str(tmp_path / "weights" / "hps.pt")
+    _, problems = resolve_paths(pkg.AestheticOptions(weights="weights/sac+logos.pth"), tmp_path, "rewards[0].options")
+    assert [loc for loc, _ in problems] == ["rewards[0].options.weights"]

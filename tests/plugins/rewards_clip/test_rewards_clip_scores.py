@@ -159,7 +159,9 @@ def test_batching_dtype_and_text_cache(make_reward: Any, tiny: Any) -> None:
     full.score(samples)
     full.embedder.tokenizer = tokenizer
     assert sorted(t for call in seen for t in call) == sorted({"a red square", "a cat " * 40})
-    bf16 = make_reward("pickscore", dtype="bfloat16").score(samples)
+    half = make_reward("pickscore", dtype="bfloat16")
+    assert half.embedder.model.text_projection.weight.dtype == torch.bfloat16
+    bf16 = half.score(samples)
     assert bf16.dtype == torch.float32
     assert (bf16 - full.score(samples)).abs().max() < 0.05 * full.score(samples).abs().max()
     grey = images[:, :1]

@@ -104,6 +104,7 @@ class ClipEmbedder:
 
     def __init__(self, model: Any, transform: ImageTransform, tokenizer: Any, *, device: torch.device,
                  dtype: torch.dtype, batch_size: int):
+        self.logit_scale = float(model.logit_scale.detach().float().exp())  # before a cast to half precision
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
         self.transform, self.tokenizer = transform, tokenizer
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
@@ -159,7 +160,7 @@ class PickScore:
 
     def __init__(self, embedder: ClipEmbedder):
         self.embedder = embedder
-        self.logit_scale = float(embedder.model.logit_scale.detach().float().exp())
+        self.logit_scale = embedder.logit_scale
 
     @classmethod
     def load(cls, options: Any, ctx: Any) -> PickScore:
