@@ -102,14 +102,15 @@ def test_a_server_killed_mid_run_stops_it_cleanly_and_resume_finishes(toy_config
 
 
 @pytest.mark.slow
-def test_the_tiny_remote_example_learns_like_the_local_reward(tmp_path):
-    """12 epochs of examples/tiny-remote-reward.yaml against a live colour-match server, and the same run with
-    the reward computed in-process. Epoch 1 samples the same images, so its rewards differ only by the uint8
-    quantisation of the wire (bound: 0.0049 for colour-match at tolerance 0.5); after that the updates differ by
-    as little and the runs stay close; both learn."""
+def test_the_tiny_remote_example_trains_like_the_local_reward(tmp_path):
+    """5 epochs of examples/tiny-remote-reward.yaml against a live colour-match server, and the same run with the
+    reward computed in-process. Epoch 1 samples the same images, so its mean rewards differ only by the uint8
+    quantisation of the wire (bound 0.0049 for colour-match at tolerance 0.5); the updates then differ by as little,
+    and the two runs stay within 1e-3 of each other (measured: 3e-5). (Learning itself shows over tens of
+    epochs: the full example's numbers are in the package README.)"""
     port = free_port()
-    quick = ["--set", "train.epochs=12", "--set", "train.eval_every=0", "--set", "train.sample_every=0",
-             "--set", "train.checkpoint_every=12"]
+    quick = ["--set", "train.epochs=5", "--set", "train.eval_every=0", "--set", "train.sample_every=0",
+             "--set", "train.checkpoint_every=5"]
     with server(port, tmp_path / "server.log", "--reward", "colour-match", "--set", "tolerance=0.5"):
         remote = subprocess.run([*FF, "run", str(EXAMPLE), *quick, "--set", f"rewards.0.options.url=http://127.0.0.1:{port}",
                                  "--output", str(tmp_path / "remote")], env=ENV, capture_output=True, text=True,
@@ -121,7 +122,7 @@ def test_the_tiny_remote_example_learns_like_the_local_reward(tmp_path):
     assert local.returncode == 0, local.stderr
     r = [row["reward/mean"] for row in rows(tmp_path / "remote")]
     loc = [row["reward/mean"] for row in rows(tmp_path / "local")]
-    print(f"remote {[round(v, 4) for v in r]}\nlocal  {[round(v, 4) for v in loc]}")
+    print(f"remote {[round(v, 5) for v in r]}\nlocal  {[round(v, 5) for v in loc]}")
+    assert len(r) == len(loc) == 5
     assert abs(r[0] - loc[0]) <= 0.0049
-    assert max(abs(a - b) for a, b in zip(r, loc)) <= 0.02
-    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 and sum(loc[-3:]) / 3 > sum(loc[:3]) / 3
+    assert max(abs(a - b) for a, b in zip(r, loc)) <= 0.001  # measured 3e-5 (2026-12-01)
