@@ -259,3 +259,31 @@ def test_summary_panel_names_its_windows_and_lists_only_written_paths(tmp_path: 
     assert grid["mean reward"] == expected
     assert grid["final model"] == str(tmp_path / "final")
     assert "samples" not in grid  # never written (sample_every: 0)
+
+
+def test_summary_panel_names_the_best_model(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from flowfactory_cli.render import run_summary_panel
+
+    (tmp_path / "best").mkdir()
+    summary = RunSummary(output_dir=str(tmp_path), epochs=6, reward_first=0.25, reward_last=0.75,
+                         final_dir=str(tmp_path / "final"), metrics_path=str(tmp_path / "metrics.jsonl"),
+                         samples_dir=None, wall_seconds=3.0, resumed_from=None,
+                         best={"metric": "eval/reward/gold/mean", "value": 0.8125, "epoch": 4,
+                               "dir": str(tmp_path / "best")})
+    console = Console(width=400, record=True)
+    console.print(run_summary_panel(summary))
+    assert _grid(console.export_text())["best model"] == f"{tmp_path / 'best'} (epoch 4, eval/reward/gold/mean 0.8125)"
+
+
+def test_a_guard_stop_exits_3_with_its_message(cli, config_file, monkeypatch) -> None:
+    from flowfactory.train.guard import RewardHackingError
+
+    def stopped(*args: Any, **kwargs: Any) -> RunSummary:
+        raise RewardHackingError("reward hacking suspected: eval metric eval/reward/gold/mean fell")
+
+    monkeypatch.setattr(ff_train, "run", stopped)
+    result = cli("run", str(config_file()))
+    assert result.exit_code == 3
+    assert "reward hacking suspected" in result.output

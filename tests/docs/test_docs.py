@@ -88,11 +88,21 @@ def test_hook_examples_register_what_they_say(index):
 
 
 def config_fields() -> list[tuple[str, object]]:
-    from flowfactory.config import DataConfig, EMAConfig, RewardConfig, RunConfig, TrainConfig
+    from flowfactory.config import (
+        DataConfig,
+        EMAConfig,
+        EvalConfig,
+        GuardConfig,
+        ParallelConfig,
+        RewardConfig,
+        RunConfig,
+        TrainConfig,
+    )
 
     out = []
     for model, prefix in [(RunConfig, ""), (RewardConfig, "rewards[i]."), (DataConfig, "data."),
-                          (TrainConfig, "train."), (EMAConfig, "train.ema.")]:
+                          (TrainConfig, "train."), (EMAConfig, "train.ema."), (ParallelConfig, "train.parallel."),
+                          (EvalConfig, "eval."), (GuardConfig, "eval.guard.")]:
         out += [(prefix + name, field) for name, field in model.model_fields.items()]
     return out
 

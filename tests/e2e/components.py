@@ -1,6 +1,8 @@
 """Test components the end-to-end runners (run_toy.py, ff_toy.py) register beside the toy policy: a reward that
-fails on one process, and an algorithm whose loss goes NaN, each on demand through an environment variable."""
+fails on one process, a groupwise reward that records what each call receives, and an algorithm whose loss goes
+NaN, each on demand through an environment variable."""
 
+import json
 import os
 
 from flowfactory import hookimpl
@@ -22,6 +24,26 @@ class FlakyOnOneProcess:
         if int(os.environ.get("RANK", "0")) == self.rank and self.calls >= self.at:
             raise ConnectionError("judge unreachable from this process")
         return samples.images.mean(dim=(1, 2, 3))
+
+
+class GroupRecorder:
+    """A groupwise reward (each image's brightness minus its group's mean brightness) that appends every call's
+    process and group ids to the JSON-lines file FLOWFACTORY_TEST_RECORD, if set."""
+
+    groupwise = True
+    handles_video = False
+
+    def score(self, samples):
+        import torch
+
+        record = os.environ.get("FLOWFACTORY_TEST_RECORD")
+        if record:
+            with open(record, "a") as f:
+                f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "groups": samples.group_ids}) + "\n")
+        b = samples.images.mean(dim=(1, 2, 3))
+        ids = torch.tensor(samples.group_ids)
+        means = torch.stack([b[ids == g].mean() for g in samples.group_ids])
+        return (b - means).float()
 
 
 class NanPG:
@@ -60,6 +82,8 @@ class TestComponents:
     def register_rewards(self, register):
         register("flaky-on-one-process", lambda options, ctx: FlakyOnOneProcess(),
                  summary="Test reward: brightness that fails on one process.")
+        register("group-recorder", lambda options, ctx: GroupRecorder(),
+                 summary="Test reward: groupwise, records the group ids of every call.")
 
     @hookimpl
     def register_optimizers(self, register):

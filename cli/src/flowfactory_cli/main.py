@@ -50,7 +50,8 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except FlowFactoryError as exc:
             print_error(str(exc))
-            raise typer.Exit(USER_ERROR) from None
+            # a stop with its own meaning keeps its code (the reward-hacking guard: 3); docs/failures.md
+            raise typer.Exit(getattr(exc, "exit_code", USER_ERROR)) from None
 
 
 def _state(ctx: click.Context) -> PluginState:

@@ -154,6 +154,10 @@ def run_summary_panel(summary: Any) -> Panel:
                         ("samples", summary.samples_dir)):
         if path is not None and Path(path).exists():  # only what the run wrote
             grid.add_row(label, escape(str(path)))
+    best = getattr(summary, "best", None)
+    if best and Path(best["dir"]).exists():
+        grid.add_row("best model", f"{escape(str(best['dir']))} (epoch {best['epoch']}, "
+                                   f"{escape(str(best['metric']))} {float(best['value']):.4f})")
     grid.add_row("wall time", duration(float(summary.wall_seconds)))
     return Panel(grid, title="run finished", title_align="left", expand=False)
 

@@ -85,6 +85,9 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(8, ge=1, description="Rollouts per forward/backward, per process.")
     rollout_batch_size: int = Field(16, ge=1, description="Rollouts sampled at once, per process.")
     steps_per_epoch: int = Field(1, ge=1, description="Optimizer steps the epoch's samples are split into.")
+    overlap_rewards: bool = Field(
+        True, description="Score each rollout chunk (whole groups) in a worker thread while the next one samples; "
+                          "false scores inline. The scores are identical either way.")
     inner_epochs: int = Field(1, ge=1, description="Passes over the epoch's samples.")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (> 0).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (>= 0).")
@@ -115,6 +118,48 @@ class TrainConfig(_Strict):
                           "later runs of the same model (relative paths: to the config's folder); null: memory only.")
 
 
+class GuardConfig(_Strict):
+    drop: float | None = Field(
+        None, gt=0, description="Stop the run when the `eval.best` metric has stayed more than this far from its best "
+                                "value (in the metric's units) for `patience` evals in a row while the training reward "
+                                "rose above its value at the best eval: the reward is being hacked. null: off.")
+    patience: int = Field(2, ge=1, description="Evals in a row the fall must last before the guard stops the run.")
+    train_metric: str = Field("reward/mean", description="Training metric that must have risen (mean over the epochs "
+                                                         "since the previous eval, against the same at the best eval).")
+    max_kl: float | None = Field(
+        None, gt=0, description="Stop the run when the estimated KL to the reference policy (`kl/reference`, "
+                                "estimated every epoch) exceeds this. null: no bound.")
+
+
+class EvalConfig(_Strict):
+    rewards: list[RewardConfig] | None = Field(
+        None, description="Rewards scored at eval only (e.g. a held-out \"gold\" scorer the policy never trains on), "
+                          "logged as eval/reward/<name>/mean; null: the training rewards.")
+    best: str | None = Field(
+        None, description="Eval metric (e.g. eval/reward/gold/mean) whose best value's weights are kept in best/, in "
+                          "the same format as final/; null: no best/.")
+    best_mode: Literal["max", "min"] = Field("max", description="Whether a higher or a lower `best` metric is better.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Stops on reward hacking (see docs/rewards.md).")
+    kl_every: int = Field(
+        0, ge=0, description="Epochs between estimates of the KL to the reference policy (`kl/reference`); 0: off, "
+                             "unless guard.max_kl is set (then every epoch).")
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_rewards(cls, v: list[RewardConfig] | None) -> list[RewardConfig] | None:
+        names = [r.name for r in v or []]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"reward {dup[0]!r} is listed twice; list each reward once")
+        if v is not None and not v:
+            raise ValueError("list at least one reward, or null to score eval with the training rewards")
+        return v
+
+    def kl_period(self) -> int:
+        """Epochs between KL estimates (0: never)."""
+        return self.kl_every or (1 if self.guard.max_kl is not None else 0)
+
+
 class RunConfig(_Strict):
     name: str = Field("run", description="Run name; the default output folder is runs/<name>.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds every random draw, keyed by (seed, epoch, sample "
@@ -126,6 +171,14 @@ class RunConfig(_Strict):
     optimizer: ComponentConfig = Field(description="The RL algorithm (`ff list optimizer`).")
     data: DataConfig = Field(default_factory=DataConfig, description="Train and eval prompts.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The loop's settings.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description=(
+        "Eval rewards, the best/ checkpoint and the reward-hacking guard (prompts: data.eval; how often: "
+        "train.eval_every)."))
+
+    def eval_metrics(self) -> list[str]:
+        """The metrics each eval logs."""
+        names = [r.name for r in (self.eval.rewards or self.rewards)]
+        return ["eval/reward/mean", *(f"eval/reward/{n}/mean" for n in names)]
 
     @field_validator("rewards")
     @classmethod
@@ -285,6 +338,11 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
         for i, node in enumerate(rewards):
             if isinstance(node, dict) and isinstance(node.get("name"), str):
                 comps.append((f"rewards[{i}]", "reward", node["name"], node.get("options") or {}))
+    eval_rewards = data.get("eval", {}).get("rewards") if isinstance(data.get("eval"), dict) else None
+    if isinstance(eval_rewards, list):
+        for i, node in enumerate(eval_rewards):
+            if isinstance(node, dict) and isinstance(node.get("name"), str):
+                comps.append((f"eval.rewards[{i}]", "reward", node["name"], node.get("options") or {}))
 
     options: dict[str, BaseModel] = {}
     for key, kind, name, raw in comps:
@@ -388,6 +446,30 @@ def split_problems(cfg: RunConfig, processes: int = 1) -> list[tuple[str, str]]:
     return []
 
 
+def _eval_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """eval.best names a metric the eval logs, and what needs evals (best/, the guard) has them."""
+    e, probs = cfg.eval, []
+    evals = cfg.data.eval is not None and cfg.train.eval_every > 0
+    if e.best is not None:
+        valid = cfg.eval_metrics()
+        if e.best not in valid:
+            close = difflib.get_close_matches(e.best, valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            probs.append(("eval.best", f"{e.best!r} is not an eval metric{hint}; evals log {', '.join(valid)}"))
+        elif not evals:
+            probs.append(("eval.best", "needs evals: set data.eval to a prompt file and train.eval_every > 0"))
+    if e.guard.drop is not None and e.best is None:
+        probs.append(("eval.guard.drop", "the guard watches the eval.best metric: set eval.best (e.g. "
+                                         "eval/reward/<gold reward>/mean)"))
+    if e.guard.drop is not None and e.guard.train_metric != "reward/mean" and not (
+            e.guard.train_metric.startswith("reward/") and e.guard.train_metric.endswith("/mean")
+            and e.guard.train_metric[len("reward/"):-len("/mean")] in {r.name for r in cfg.rewards}):
+        valid = ["reward/mean", *(f"reward/{r.name}/mean" for r in cfg.rewards)]
+        probs.append(("eval.guard.train_metric", f"{e.guard.train_metric!r} is not a training reward metric; use one "
+                                                 f"of {', '.join(valid)}"))
+    return probs
+
+
 def _cross_checks(cfg: RunConfig, source: str, processes: int = 1) -> list[tuple[str, str]]:
     from flowfactory.train.data import load_prompts
 
@@ -402,6 +484,7 @@ def _cross_checks(cfg: RunConfig, source: str, processes: int = 1) -> list[tuple
         except FlowFactoryError as exc:
             probs.append((key, str(exc).removeprefix(f"{key}: ")))
     probs += split_problems(cfg, processes)
+    probs += _eval_problems(cfg)
     if t.parallel.strategy == "fsdp" and t.mixed_precision == "fp16":
         probs.append(("train.mixed_precision", "fp16 needs a gradient scaler, which FSDP2 sharding does not use; "
                                                "use bf16, or train.parallel.param_dtype: bfloat16"))

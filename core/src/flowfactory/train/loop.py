@@ -2,7 +2,8 @@
 
     setup()          launch, output folder, prompts, components, parallelism (DDP or FSDP2), optimizer, resume
     train()          for each epoch: train_epoch(epoch), then checkpoint; on any failure, save what is consistent
-      train_epoch    prompts -> rollout (no grad) -> score -> advantages -> update -> metrics, samples, evaluate
+      train_epoch    prompts -> rollout (no grad), scored chunk by chunk as it decodes -> advantages -> update
+                     -> metrics, samples, evaluate
       update         inner epochs x optimizer steps x micro-batches x the algorithm's units: loss, backward;
                      clip, step, EMA; the algorithm's epoch end
     finish()         final/ (the gathered weights in diffusers/peft format) and the summary
@@ -43,8 +44,9 @@ from flowfactory.train.advantages import compute_advantages
 from flowfactory.train.conditioning import ConditioningCache
 from flowfactory.train.data import load_prompts
 from flowfactory.train.ema import EMA
-from flowfactory.train.logging import MetricsLog, reward_windows, save_grid
-from flowfactory.train.rewards import RewardSet
+from flowfactory.train.guard import EvalTracker, RewardHackingError, kl_message
+from flowfactory.train.logging import MetricsLog, read_metrics, reward_windows, save_grid
+from flowfactory.train.rewards import ChunkScorer, RewardSet
 from flowfactory.train.state import init_optimizer_state, named_trainable, optimizer_state, raw_module
 from flowfactory.types import Conditioning, OptimizerHooks, Samples, TrainBatch, Trajectory, select_rows
 
@@ -63,6 +65,7 @@ class RunSummary:
     wall_seconds: float
     resumed_from: int | None
     window: int = 5  # epochs in each of the two compared reward windows; 0: too short to compare
+    best: dict[str, Any] | None = None  # {"metric", "value", "epoch", "dir"} when eval.best kept a best/
 
 
 @dataclass
@@ -133,6 +136,11 @@ class Recipe:
             (self.out / "config.json").write_text(json.dumps(_config_dump(self.cfg), indent=2))
         self.log = MetricsLog(self.out, self.t.tensorboard, self.start_epoch) if self.main else None
         self.last_logged = self.last_saved = self.start_epoch
+        self.tracker = EvalTracker.from_config(self.cfg)
+        if self.start_epoch and (self.out / "metrics.jsonl").exists():  # decide as the uninterrupted run would
+            for row in read_metrics(self.out / "metrics.jsonl"):
+                if row.get("epoch", 0) <= self.start_epoch:
+                    self.tracker.observe(row)
 
     def _launch(self) -> None:
         """Processes (Accelerate), the parallel strategy, and the epoch's split over processes and steps."""
@@ -208,11 +216,15 @@ class Recipe:
             raise FlowFactoryError(f"{self.source}: {mismatch[0]}: {mismatch[1]}")
         set_seed(cfg.seed)
         # an algorithm that never calls policy.reference() (no KL term) spares a full finetune its frozen copy
-        policy_ctx = replace(ctx, reference=self.algorithm.requirements.reference)
+        policy_ctx = replace(ctx, reference=self.algorithm.requirements.reference or cfg.eval.kl_period() > 0)
         self.policy = registry.get("policy", cfg.policy.name).create(options["policy"], policy_ctx)
         self.rewards = RewardSet([(r.name, registry.get("reward", r.name).create(options[f"rewards[{i}]"], ctx),
                                    r.weight) for i, r in enumerate(cfg.rewards)],
                                  timeouts={r.name: r.timeout for r in cfg.rewards})
+        # eval's own rewards (a held-out gold scorer), else the training rewards
+        self.eval_rewards = self.rewards if not cfg.eval.rewards else RewardSet(
+            [(r.name, registry.get("reward", r.name).create(options[f"eval.rewards[{i}]"], ctx), r.weight)
+             for i, r in enumerate(cfg.eval.rewards)], timeouts={r.name: r.timeout for r in cfg.eval.rewards})
         self.hooks = AlgorithmHooks(self.algorithm)
         cache_dir = self.t.conditioning_cache
         base_dir = config_dir(self.source)
@@ -292,12 +304,23 @@ class Recipe:
         try:
             for epoch in range(self.start_epoch + 1, t.epochs + 1):
                 row = self.train_epoch(epoch)
+                improved, hacked = self.tracker.observe(row)
+                if improved:
+                    self.save_best(epoch, row)  # the weights as evaluated: those of this epoch's end
+                bound = self.cfg.eval.guard.max_kl
+                if hacked is None and bound is not None and row.get("kl/reference", 0.0) > bound:
+                    hacked = kl_message(row["kl/reference"], bound, epoch)
                 if self.main:
                     self.log.log(row)
                 self.last_logged, self.consistent = epoch, True
                 self.progress.update(epoch, row)
                 if t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
                     self.save_checkpoint(epoch)
+                if hacked is not None:  # every process decides alike: the rows are the same everywhere
+                    self.save_checkpoint(epoch) if t.checkpoint_every and self.last_saved < epoch else None
+                    raise RewardHackingError(
+                        f"{hacked}. The run stopped after epoch {epoch} (checkpointed). To train on anyway, raise "
+                        f"or null eval.guard in {self.source} and run `{self.resume_command}`")
                 self._agree(None)  # also tells every process whether one was asked to stop
                 self._stop_if_asked()
         except BaseException:
@@ -352,16 +375,21 @@ class Recipe:
         groups = [int(group_ids[i]) for i in local]
         error: BaseException | None = None
         roll = per_reward = total = None
+        scorer = self.scorer(prompts, groups)
+        t1 = t0
         try:
             self.policy.module.eval()
             with self.hooks.sampling(self.policy):
                 roll = self.rollout(prompts, keys, groups, deterministic=not self.algorithm.requirements.stochastic,
-                                    keep=self.algorithm.requirements.keep, epoch=epoch)
+                                    keep=self.algorithm.requirements.keep, epoch=epoch, scorer=scorer)
             self.hooks.on_rollout(self.policy)
             t1 = time.perf_counter()
-            per_reward, total = self.score(roll)
+            per_reward, total = scorer.result()
         except Exception as exc:  # agreed on below, so every process stops, not only this one
             error = exc
+        finally:
+            scorer.close()
+        t_scored = time.perf_counter()
         self._agree(error)
         self._stop_if_asked()  # before the update: the weights are still those of the last logged epoch
         assert roll is not None and roll.media is not None and per_reward is not None and total is not None
@@ -378,6 +406,9 @@ class Recipe:
         advantages = adv_all[local.start:local.stop].to(self.device)
 
         stats = self.update(epoch, roll, advantages, local)
+        period = self.cfg.eval.kl_period()
+        if period and epoch % period == 0:
+            stats["kl/reference"] = self.estimate_kl(epoch, roll, local)
         t2 = time.perf_counter()
 
         row: dict[str, Any] = {"epoch": epoch, "reward/mean": float(reward_all.mean()),
@@ -386,6 +417,7 @@ class Recipe:
             row[f"reward/{name}/mean"] = float(vals.mean())
         row.update(stats)
         row["time/rollout_s"], row["time/train_s"] = t1 - t0, t2 - t1
+        row["time/score_wait_s"] = t_scored - t1  # scoring left after the last rollout chunk (overlap hides the rest)
         if grid is not None:
             save_grid(*grid, self.out / "samples" / f"train-{epoch:06d}.png")
         if self.eval_prompts and t.eval_every and (epoch % t.eval_every == 0 or epoch == t.epochs):
@@ -405,8 +437,9 @@ class Recipe:
         return [self.train_prompts[chosen[int(group_ids[i])]] for i in local], local, group_ids
 
     def rollout(self, prompts: list[str], keys: list[tuple[int, ...]], group_ids: list[int], *,
-                deterministic: bool, keep: str, epoch: int) -> Rollouts:
-        """One sample per prompt under no grad, in chunks of `rollout_batch_size`, decoded."""
+                deterministic: bool, keep: str, epoch: int, scorer: ChunkScorer | None = None) -> Rollouts:
+        """One sample per prompt under no grad, in chunks of `rollout_batch_size`, decoded; each decoded chunk
+        goes to `scorer` at once, and a scoring call that already failed ends the rollout early."""
         t, acc = self.t, self.accelerator
         cond = self.encode(prompts)
         trajs, decoded = [], []
@@ -418,12 +451,20 @@ class Recipe:
                                             keep=keep, deterministic=deterministic, epoch=epoch)
                 decoded.append(self.policy.decode(traj.final).float())
             trajs.append(traj)
+            if scorer is not None:
+                scorer.add(decoded[-1])
+                if scorer.failed():
+                    scorer.result()  # raises that call's error
         return Rollouts(prompts=prompts, keys=keys, group_ids=group_ids, trajectory=cat_trajectories(trajs),
                         cond=cond, media=torch.cat(decoded))
 
-    def score(self, roll: Rollouts) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Every reward on this process's samples: ({name: [B]}, weighted total [B]); checked before any update."""
-        return self.rewards.score(Samples(prompts=roll.prompts, **_media(roll.media), group_ids=roll.group_ids))
+    def scorer(self, prompts: list[str], group_ids: list[int]) -> ChunkScorer:
+        """Scores this process's samples as the rollout decodes them, in chunks of whole groups (the rollout batch
+        rounded up to a multiple of the group size), overlapped with sampling unless `train.overlap_rewards` is
+        off; the chunks, hence the scores, are the same either way. Checked before any update."""
+        t = self.t
+        chunk = math.ceil(t.rollout_batch_size / t.group_size) * t.group_size
+        return ChunkScorer(self.rewards, prompts, group_ids, chunk, overlap=t.overlap_rewards)
 
     def update(self, epoch: int, roll: Rollouts, advantages: torch.Tensor, local: range) -> dict[str, float]:
         """Inner epochs x optimizer steps x micro-batches x the algorithm's units. The gradient of a step is the
@@ -537,7 +578,7 @@ class Recipe:
         n_real = len(mine)
         if self.fsdp:
             mine += [mine[-1] if mine else 0] * (per - len(mine))
-        scores = torch.full((per, len(self.rewards) + 1), float("nan"), device=self.device)
+        scores = torch.full((per, len(self.eval_rewards) + 1), float("nan"), device=self.device)
         error: BaseException | None = None
         roll = media = None
         try:
@@ -547,7 +588,8 @@ class Recipe:
                 with swap:
                     roll = self.rollout(prompts, [(EVAL_KEY, i) for i in mine], [], deterministic=True,
                                         keep="final", epoch=epoch)
-                per_reward, total = self.rewards.score(Samples(prompts=prompts[:n_real],
+                # each eval prompt is sampled once: its own group (a groupwise reward sees groups of one)
+                per_reward, total = self.eval_rewards.score(Samples(prompts=prompts[:n_real], group_ids=mine[:n_real],
                                                                **_media(roll.media[:n_real])))
                 scores[:n_real] = torch.stack([total, *per_reward.values()], 1).to(scores)
                 media = roll.media[:n_real].cpu() if self.main else None
@@ -560,9 +602,56 @@ class Recipe:
         if media is not None:
             save_grid(media, [prompts_all[i] for i in mine[:n_real]], self.out / "samples" / f"eval-{epoch:06d}.png")
         row = {"eval/reward/mean": float(allscores[:, 0].mean())}
-        for j, name in enumerate(self.rewards.names, 1):
+        for j, name in enumerate(self.eval_rewards.names, 1):
             row[f"eval/reward/{name}/mean"] = float(allscores[:, j].mean())
         return row
+
+    def estimate_kl(self, epoch: int, roll: Rollouts, local: range) -> float:
+        """`kl/reference`: the KL between the policy's and the reference's stochastic steps, summed over the
+        schedule, averaged over this epoch's samples (at most `micro_batch_size` per process) and processes.
+
+        Each sample's final latent x_0 is noised to every schedule sigma (x_i = (1 - s_i) x_0 + s_i eps, eps drawn
+        from the sample's key), and step i's Gaussians N(mu, std^2) under both models give
+        KL_i = mean over latent dims of (mu_policy - mu_reference)^2 / (2 std_i^2), the convention of grpo's KL
+        term. The steps are the sampler's own when it is stochastic, else Flow-GRPO's SDE at noise level 0.7."""
+        from flowfactory.samplers import FlowSDEOptions
+        from flowfactory.samplers.flow import FlowSDESampler
+        from flowfactory.seeding import randn_per_sample
+
+        sampler = self.sampler
+        if not getattr(sampler, "stochastic", False) or not hasattr(sampler, "_sde_step"):
+            sampler = FlowSDESampler(FlowSDEOptions(steps=getattr(self.sampler, "steps", 10), noise_level=0.7))
+        n = min(self.t.micro_batch_size, self.n_local)
+        x0 = roll.trajectory.final[:n].float()
+        cond = select_rows(roll.cond, slice(0, n))
+        keys = [(epoch, 3, local.start + i) for i in range(n)]
+        sigmas = self.policy.sigmas(sampler.steps).to(torch.float32).cpu()
+        total = torch.zeros(n, device=x0.device)
+        self.policy.module.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            for i in range(len(sigmas) - 1):
+                if float(sigmas[i + 1]) <= 0.0:
+                    continue  # the step to sigma 0 has no noise
+                eps = randn_per_sample(tuple(x0.shape[1:]), generators(self.cfg.seed, [(*k, i) for k in keys]),
+                                       device=x0.device)
+                s = float(sigmas[i])
+                x = ((1 - s) * x0 + s * eps).to(roll.trajectory.final.dtype)
+                mine = sampler.step_distribution(self.policy, x, sigmas, i, cond, stochastic=True)
+                with self.policy.reference():
+                    ref = sampler.step_distribution(self.policy, x, sigmas, i, cond, stochastic=True)
+                dims = tuple(range(1, mine.mean.ndim))
+                total += ((mine.mean.float() - ref.mean.float()) ** 2).mean(dim=dims) / (2 * mine.std.float() ** 2)
+        parallel.reshard(raw_module(self.policy.module))
+        return float(self.accelerator.gather(total.mean().reshape(1)).mean())
+
+    def save_best(self, epoch: int, row: dict[str, Any]) -> None:
+        """best/: the weights as evaluated at `epoch` (the EMA's when it is on), in the format of final/, written
+        into a temporary folder and renamed when complete; best/best.json names the epoch and the metric."""
+        swap = self.ema.swapped(named_trainable(self.policy)) if self.ema is not None else nullcontext()
+        metric = self.cfg.eval.best
+        with swap:
+            self._write_model(self.out / "best", {"epoch": epoch, "metric": metric, "value": row[metric],
+                                                   "ema": self.ema is not None})
 
     def save_checkpoint(self, epoch: int) -> None:
         """Every process writes its part of the named state (`flowfactory.train.checkpoint`); weights that are
@@ -612,25 +701,8 @@ class Recipe:
         """final/ (and final/ema) from the gathered weights, written by the main process into a temporary folder
         and renamed when complete, so a crash leaves no partial final/ (`--resume` then writes it); then the
         summary."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        final, tmp = self.out / "final", self.out / ".tmp-final"
-        if self.main and tmp.exists():
-            shutil.rmtree(tmp)
-        modules = [raw_module(self.policy.module)]
-        with parallel.full_weights(modules, self.main):
-            if self.main:
-                self.policy.save(str(tmp))
-        if self.ema is not None:
-            with self.ema.swapped(named_trainable(self.policy)), parallel.full_weights(modules, self.main):
-                if self.main:
-                    self.policy.save(str(tmp / "ema"))
-        if self.main:
-            _retarget_notes(tmp, final)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        acc.wait_for_everyone()
+        final = self.out / "final"
+        self._write_model(final)
         rows = _read_rows(self.out / "metrics.jsonl")
         reward_first, reward_last, window = reward_windows([r["reward/mean"] for r in rows])
         samples = self.out / "samples"
@@ -638,7 +710,34 @@ class Recipe:
                           reward_last=reward_last, final_dir=str(final), metrics_path=str(self.out / "metrics.jsonl"),
                           samples_dir=str(samples) if samples.is_dir() else None,
                           wall_seconds=time.perf_counter() - self.t_start,
-                          resumed_from=self.start_epoch if self.resume_from is not None else None, window=window)
+                          resumed_from=self.start_epoch if self.resume_from is not None else None, window=window,
+                          best={**self.tracker.state(), "dir": str(self.out / "best")}
+                          if (self.out / "best").is_dir() and self.tracker.best is not None else None)
+
+    def _write_model(self, target: Path, info: dict[str, Any] | None = None) -> None:
+        """The policy's gathered weights (and the EMA's under target/ema, for final/), written by the main process
+        into a temporary folder renamed to `target` when complete, so a crash never leaves a partial folder."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        tmp = self.out / f".tmp-{target.name}"
+        if self.main and tmp.exists():
+            shutil.rmtree(tmp)
+        modules = [raw_module(self.policy.module)]
+        with parallel.full_weights(modules, self.main):
+            if self.main:
+                self.policy.save(str(tmp))
+        if self.ema is not None and info is None:
+            with self.ema.swapped(named_trainable(self.policy)), parallel.full_weights(modules, self.main):
+                if self.main:
+                    self.policy.save(str(tmp / "ema"))
+        if self.main:
+            if info is not None:
+                (tmp / f"{target.name}.json").write_text(json.dumps(info, indent=2) + "\n")
+            _retarget_notes(tmp, target)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        acc.wait_for_everyone()
 
 
 class AlgorithmHooks:
@@ -741,11 +840,11 @@ def _config_dump(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ (train.epochs may grow on resume)."""
+    """Keys whose values differ (train.epochs may grow on resume, and the guard may be changed)."""
     out = []
     for k in sorted(set(old) | set(new)):
         key = f"{prefix}.{k}" if prefix else k
-        if key in ("train.epochs", "output_dir"):
+        if key in ("train.epochs", "output_dir") or key.startswith("eval.guard"):
             continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):

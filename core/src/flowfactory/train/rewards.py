@@ -112,3 +112,86 @@ class RewardSet:
             out[name] = s
         total = sum(self.weights[n] * out[n] for n in out)
         return out, total
+
+
+class ChunkScorer:
+    """Scores an epoch's decoded rows chunk by chunk while the rollout goes on.
+
+    Rows arrive in order (`add`) as the rollout decodes them. Every `chunk` rows (a multiple of the group size:
+    a groupwise reward always gets whole groups, since each process's rows start on a group boundary) form one
+    scoring call of the run's `RewardSet`. With `overlap`, calls run in one worker thread, so chunk k is scored
+    while chunk k+1 samples; without it they run inline. The chunks, hence the scores, are the same either way.
+    `failed()` says whether a call already raised (the rollout can stop early); `result()` waits for every call
+    and returns the scores of all rows in order, or raises the first call's error.
+    """
+
+    def __init__(self, rewards: RewardSet, prompts: list[str], group_ids: list[int], chunk: int, *,
+                 overlap: bool, samples: Any = None):
+        self.rewards, self.prompts, self.group_ids = rewards, prompts, group_ids
+        self.chunk = max(1, chunk)
+        self.make_samples = samples  # (prompts, group_ids, media) -> Samples; default: images or videos by ndim
+        self.pending: list[torch.Tensor] = []
+        self.n_pending = self.n_sent = 0
+        self.results: list[Any] = []
+        self.pool = None
+        if overlap:
+            from concurrent.futures import ThreadPoolExecutor
+
+            device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+            # the current CUDA device is per thread: the worker scores on this process's device
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="flowfactory-score",
+                                           initializer=(lambda: torch.cuda.set_device(device)) if device is not None
+                                           else None)
+
+    def _samples(self, lo: int, hi: int, media: torch.Tensor) -> Samples:
+        if self.make_samples is not None:
+            return self.make_samples(self.prompts[lo:hi], self.group_ids[lo:hi], media)
+        key = "videos" if media.ndim == 5 else "images"
+        return Samples(prompts=self.prompts[lo:hi], group_ids=self.group_ids[lo:hi], **{key: media})
+
+    def add(self, media: torch.Tensor) -> None:
+        """The next decoded rows, in order; complete chunks are sent for scoring."""
+        self.pending.append(media)
+        self.n_pending += media.shape[0]
+        while self.n_pending >= self.chunk:
+            self._send(self.chunk)
+
+    def _send(self, n: int) -> None:
+        rows = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+        part, rest = rows[:n], rows[n:]
+        self.pending, self.n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
+        samples = self._samples(self.n_sent, self.n_sent + n, part)
+        self.n_sent += n
+        if self.pool is None:
+            try:
+                self.results.append(self.rewards.score(samples))
+            except BaseException as exc:
+                self.results.append(exc)
+        else:
+            self.results.append(self.pool.submit(self.rewards.score, samples))
+
+    def failed(self) -> bool:
+        """Whether a call has already raised (the rest of the rollout can be skipped)."""
+        return any(isinstance(r, BaseException) or (hasattr(r, "done") and r.done() and r.exception() is not None)
+                   for r in self.results)
+
+    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-reward scores {name: [N] float32 CPU} and the weighted total, over every row added."""
+        try:
+            if self.n_pending:
+                self._send(self.n_pending)
+            outs = []
+            for r in self.results:
+                value = r.result() if hasattr(r, "result") else r
+                if isinstance(value, BaseException):
+                    raise value
+                outs.append(value)
+        finally:
+            self.close()
+        per_reward = {name: torch.cat([o[0][name] for o in outs]) for name in self.rewards.names}
+        return per_reward, torch.cat([o[1] for o in outs])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
