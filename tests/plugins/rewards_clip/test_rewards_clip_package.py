@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flowfactory_rewards_clip as pkg
 import yaml
+
+import flowfactory_rewards_clip as pkg
 
 README = Path(__file__).resolve().parents[3] / "plugins" / "flowfactory-rewards-clip" / "README.md"
 MODELS = {"pickscore": pkg.PickScoreOptions, "pickscore-rank": pkg.PickScoreRankOptions,

@@ -175,8 +175,9 @@ def test_device_preprocessing_matches_clip_processor(tiny: Any) -> None:
     to 1/255 and the device path does not: 0.5/255 from the final rounding plus 0.5/255 from the intermediate
     one, spread by the bicubic filter (sum of |weights| about 1.1); with margin for PIL's fixed-point filter
     weights the bound is 1.25/255 per pixel, / min(std) = 0.0245 in normalised units. Measured: 0.0190."""
-    from flowfactory_rewards_clip.preprocess import ImageTransform
     from transformers import CLIPProcessor
+
+    from flowfactory_rewards_clip.preprocess import ImageTransform
 
     processor = CLIPProcessor.from_pretrained(tiny.clip)
     transform = ImageTransform.from_processor(processor.image_processor, "test")

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flowfactory_rewards_ocr import OCROptions
-from flowfactory_rewards_ocr.reward import OCRReward
 
 from flowfactory.config import load
 from flowfactory.train.data import load_prompts
+from flowfactory_rewards_ocr import OCROptions
+from flowfactory_rewards_ocr.reward import OCRReward
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 CONFIG = EXAMPLES / "sd3.5-medium-ocr.yaml"

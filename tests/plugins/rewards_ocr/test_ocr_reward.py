@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flowfactory_rewards_ocr.reward import to_rgb_uint8
 
 from flowfactory.errors import RewardError
 from flowfactory.train.rewards import score_one
 from flowfactory.types import Samples
+from flowfactory_rewards_ocr.reward import to_rgb_uint8
 
 SIGN = 'a shop sign that says "{}"'
 

@@ -4,9 +4,9 @@ and the score, against hand-computed values."""
 from __future__ import annotations
 
 import pytest
-from flowfactory_rewards_ocr.text import NoQuotedText, edit_distance, normalise, quoted_text, similarity
 
 from flowfactory.errors import RewardError
+from flowfactory_rewards_ocr.text import NoQuotedText, edit_distance, normalise, quoted_text, similarity
 
 
 @pytest.mark.parametrize(("prompt", "text"), [

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import requests
 import torch
-from flowfactory_rewards_remote.flowgrpo import RefusedPickle, jpeg_bytes, plain_dumps, safe_loads
-from flowfactory_rewards_remote.remote import quantise
 from PIL import Image
 from test_reward_server import grid_images
 
 from flowfactory.errors import RewardError
 from flowfactory.registry import BuildContext
 from flowfactory.types import Samples
+from flowfactory_rewards_remote.flowgrpo import RefusedPickle, jpeg_bytes, plain_dumps, safe_loads
+from flowfactory_rewards_remote.remote import quantise
 
 
 def client(registry, url, **options):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import TOKEN_ENV
 from ff_remote_extra import GroupCentred
-from flowfactory_rewards_remote.remote import plan_requests
 from test_reward_server import PROMPTS, grid_images
 
 from flowfactory.errors import FlowFactoryError, RewardError
@@ -19,6 +18,7 @@ from flowfactory.registry import BuildContext
 from flowfactory.rewards.builtin import Brightness, ColourMatch
 from flowfactory.testing import RewardContract
 from flowfactory.types import Samples
+from flowfactory_rewards_remote.remote import plan_requests
 
 
 def build(registry, **options):

@@ -13,12 +13,12 @@ import pytest
 import requests
 import torch
 from conftest import TOKEN
-from flowfactory_rewards_remote.protocol import CONTENT_TYPE, encode
 from typer.testing import CliRunner
 
 from flowfactory.rewards.builtin import Brightness, ColourMatch
 from flowfactory.types import Samples
 from flowfactory_cli.main import create_app
+from flowfactory_rewards_remote.protocol import CONTENT_TYPE, encode
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMPTS = ["a red square", "a blue car", "a green field", "a yellow sun", "a red ball", "a blue ball"]
