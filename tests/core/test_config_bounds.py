@@ -99,7 +99,7 @@ def _run_data() -> dict[str, Any]:
 
 
 def _with(data: dict[str, Any], model: type[BaseModel], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
-    """`data` with the value at `path` replaced (list items of RunConfig.rewards through index 0; missing nested
+    """`data` with the value at `path` replaced (list items of the reward lists through index 0; missing nested
     models created empty; a tuple item set inside the field's default)."""
     import copy
 
@@ -116,6 +116,9 @@ def _with(data: dict[str, Any], model: type[BaseModel], path: tuple[Any, ...], v
             node[part] = items
             return data
         child = node.get(part)
+        if child is None and typing.get_origin(typing.get_args(field.annotation)[0] if typing.get_args(
+                field.annotation) else field.annotation) is list:  # an optional list of models (eval.rewards)
+            child = node[part] = [{"name": "brightness"}]
         if isinstance(child, list):
             child = child[0]
         elif not isinstance(child, dict):
@@ -126,9 +129,10 @@ def _with(data: dict[str, Any], model: type[BaseModel], path: tuple[Any, ...], v
 
 
 def _loc(path: tuple[Any, ...], model: type[BaseModel]) -> tuple[Any, ...]:
-    """pydantic's error location of `path` (RunConfig.rewards is a list: index 0 inserted)."""
-    if model is ff_config.RunConfig and path[0] == "rewards":
-        return ("rewards", 0, *path[1:])
+    """pydantic's error location of `path` (the reward lists, rewards and eval.rewards: index 0 inserted)."""
+    if model is ff_config.RunConfig and "rewards" in path:
+        i = path.index("rewards") + 1
+        return (*path[:i], 0, *path[i:])
     return path
 
 
