@@ -1,6 +1,10 @@
-"""Built-in samplers, registered through the same hook a third-party plugin uses.
+"""Built-in samplers, registered through the same hook a third-party plugin uses, and the base classes a
+new sampler subclasses.
 
 This module imports only pydantic and flowfactory; the math (torch) lives in `flowfactory.samplers.flow`.
+`SDESampler` (a new SDE sampler defines only `sde_step`), `ODESampler` (a new ODE sampler defines only
+`ode_step`) and `gaussian_log_prob` are importable from here, loaded on first use so that importing the
+options models stays free of torch. Import them inside a build function, not at a plugin's top level.
 """
 
 from __future__ import annotations
@@ -8,6 +12,16 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flowfactory.hookspecs import hookimpl
+
+_LAZY = ("SDESampler", "ODESampler", "gaussian_log_prob")  # defined in flowfactory.samplers.flow (torch)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from flowfactory.samplers import flow
+
+        return getattr(flow, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ODEOptions(BaseModel):
@@ -23,7 +37,8 @@ class SDEWindowOptions(BaseModel):
     sde_window_size: int | None = Field(
         None, ge=1, description="Stochastic steps per rollout (Flow-GRPO-Fast); null: every step but the last.")
     sde_window_range: tuple[int, int] | None = Field(
-        None, description="[lo, hi): where the window may start; drawn per epoch. Default [0, steps // 2].")
+        None, description="[lo, hi): where the window may start; drawn per epoch. Default [0, min(steps // 2, "
+                          "last - sde_window_size + 1)), last = the number of steps that may be stochastic.")
     deterministic_last_step: bool = Field(
         True, description="Integrate the last step (to sigma=0) without noise, so samples are clean.")
 

@@ -33,16 +33,25 @@ def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:
 
 
 class _BaseSampler(ABC):
+    """What `ODESampler` and `SDESampler` share: the rollout loop, the log-prob of a kept step, and the
+    deterministic step `ode_step` (Euler)."""
+
     steps: int
     stochastic: bool = True  # capability: has stochastic steps with log-probs
 
     def stochastic_mask(self, epoch: int) -> torch.Tensor:
+        """[steps] bool: which steps of a rollout at `epoch` are sampled with noise."""
         return torch.zeros(self.steps, dtype=torch.bool)
+
+    def ode_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: int) -> torch.Tensor:
+        """x_{i+1} of a deterministic step from x = x_i and its velocity v (both float32): the Euler step
+        x + (sigma_{i+1} - sigma_i) v. Override it for another deterministic integrator."""
+        return x + (float(sigmas[i + 1]) - float(sigmas[i])) * v
 
     @abstractmethod
     def step_distribution(self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int,
                           cond: Conditioning, stochastic: bool = True) -> StepDistribution:
-        """The Gaussian of x_{i+1} given x = x_i (the `Sampler` protocol); each sampler defines it."""
+        """The Gaussian of x_{i+1} given x = x_i (the `Sampler` protocol)."""
 
     @torch.no_grad()
     def rollout(self, policy: Policy, cond: Conditioning, noise: torch.Tensor,
@@ -79,27 +88,30 @@ class _BaseSampler(ABC):
 
 
 class ODESampler(_BaseSampler):
-    """Deterministic Euler integration; every step has std 0 and no log-prob."""
+    """A deterministic sampler: every step is `ode_step` (Euler here), with std 0 and no log-prob.
+
+    The built-in `ode` sampler is this class. A new ODE sampler subclasses it and defines only `ode_step`;
+    `rollout`, `step_distribution` and `log_prob` (which raises ValueError) come with it."""
 
     stochastic = False
 
     def __init__(self, steps: int):
         self.steps = steps
 
-    def step_distribution(self, policy, x, sigmas, i, cond, stochastic=True):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = policy.velocity(x, _sigma_batch(sigma, x), cond)
-        mean = x.float() + (sigma_next - sigma) * v.float()
-        return StepDistribution(mean=mean, std=torch.zeros((), device=x.device))
+    def step_distribution(self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int,
+                          cond: Conditioning, stochastic: bool = True) -> StepDistribution:
+        v = policy.velocity(x, _sigma_batch(float(sigmas[i]), x), cond).float()
+        return StepDistribution(mean=self.ode_step(x.float(), v, sigmas, i), std=torch.zeros((), device=x.device))
 
     def log_prob(self, policy, trajectory, step, cond):
-        raise ValueError("the `ode` sampler is deterministic and has no log-probabilities; use `flow-sde` "
-                         "for algorithms that need them (grpo)")
+        raise ValueError(f"{type(self).__name__} is a deterministic (ODE) sampler and has no log-probabilities; "
+                         f"use `flow-sde` for algorithms that need them (grpo)")
 
 
-class _SDESampler(_BaseSampler):
-    """Shared by the SDE samplers: options, the SDE window (`stochastic_mask`) and the Euler step used at
-    deterministic steps. A subclass defines only its stochastic step, `_sde_step`."""
+class SDESampler(_BaseSampler):
+    """Base of the SDE samplers (`flow-sde`, `dance-sde`, `cps`): options, the SDE window (`stochastic_mask`),
+    `ode_step` (Euler) at deterministic steps, and the rollout and log-prob. A new SDE sampler subclasses it,
+    takes options subclassing `flowfactory.samplers.SDEWindowOptions`, and defines only `sde_step`."""
 
     def __init__(self, options: SDEWindowOptions, seed: int = 0):
         self.options = options
@@ -123,21 +135,21 @@ class _SDESampler(_BaseSampler):
 
     def step_distribution(self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int,
                           cond: Conditioning, stochastic: bool = True) -> StepDistribution:
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = policy.velocity(x, _sigma_batch(sigma, x), cond).float()
+        v = policy.velocity(x, _sigma_batch(float(sigmas[i]), x), cond).float()
         xf = x.float()
         if not stochastic:
-            return StepDistribution(mean=xf + (sigma_next - sigma) * v, std=torch.zeros((), device=x.device))
-        mean, std = self._sde_step(xf, v, sigmas, i)
-        return StepDistribution(mean=mean, std=torch.tensor(std, device=x.device, dtype=torch.float32))
+            return StepDistribution(mean=self.ode_step(xf, v, sigmas, i), std=torch.zeros((), device=x.device))
+        mean, std = self.sde_step(xf, v, sigmas, i)
+        return StepDistribution(mean=mean, std=torch.as_tensor(std, device=x.device, dtype=torch.float32))
 
     @abstractmethod
-    def _sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
-                  i: int) -> tuple[torch.Tensor, float]:
-        """(mean, std) of x_{i+1} given x = x_i and its velocity v, both float32."""
+    def sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
+                 i: int) -> tuple[torch.Tensor, float]:
+        """(mean, std) of x_{i+1} ~ N(mean, std^2) given x = x_i and its velocity v (both float32, [B, *latent]);
+        `sigmas` is the schedule ([steps + 1], descending to 0). std is a positive float shared by the batch."""
 
 
-class FlowSDESampler(_SDESampler):
+class FlowSDESampler(SDESampler):
     """Flow-GRPO's SDE: the reverse-time SDE with the same marginals as the flow ODE.
 
     std_t = a * sqrt(sigma / (1 - sigma))  (sigma = 1 uses the schedule's second sigma in the denominator)
@@ -149,7 +161,7 @@ class FlowSDESampler(_SDESampler):
         super().__init__(options, seed)
         self.noise_level = options.noise_level
 
-    def _sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
+    def sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
                   i: int) -> tuple[torch.Tensor, float]:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         dt = sigma_next - sigma
@@ -159,7 +171,7 @@ class FlowSDESampler(_SDESampler):
         return mean, std_t * math.sqrt(-dt)
 
 
-class DanceSDESampler(_SDESampler):
+class DanceSDESampler(SDESampler):
     """DanceGRPO's SDE step (its FLUX script's `flux_step` with `sde_solver=True`).
 
     Euler plus a score correction with a constant diffusion coefficient eta, dt = sigma_next - sigma < 0:
@@ -173,7 +185,7 @@ class DanceSDESampler(_SDESampler):
         super().__init__(options, seed)
         self.eta = options.eta
 
-    def _sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
+    def sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
                   i: int) -> tuple[torch.Tensor, float]:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         dt = sigma_next - sigma
@@ -183,7 +195,7 @@ class DanceSDESampler(_SDESampler):
         return mean, self.eta * math.sqrt(-dt)
 
 
-class CPSSampler(_SDESampler):
+class CPSSampler(SDESampler):
     """Coefficients-Preserving Sampling (Wang & Yu 2025; Flow-GRPO's `sde_type="cps"`).
 
     Re-noises the predicted clean sample so that x_next has exactly the coefficients of sigma_next:
@@ -201,7 +213,7 @@ class CPSSampler(_SDESampler):
         super().__init__(options, seed)
         self.noise_level = options.noise_level
 
-    def _sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
+    def sde_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor,
                   i: int) -> tuple[torch.Tensor, float]:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         std = sigma_next * math.sin(self.noise_level * math.pi / 2)

@@ -619,7 +619,7 @@ class Recipe:
         from flowfactory.seeding import randn_per_sample
 
         sampler = self.sampler
-        if not getattr(sampler, "stochastic", False) or not hasattr(sampler, "_sde_step"):
+        if not getattr(sampler, "stochastic", False) or not hasattr(sampler, "sde_step"):
             sampler = FlowSDESampler(FlowSDEOptions(steps=getattr(self.sampler, "steps", 10), noise_level=0.7))
         n = min(self.t.micro_batch_size, self.n_local)
         x0 = roll.trajectory.final[:n].float()
