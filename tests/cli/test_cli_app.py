@@ -18,7 +18,7 @@ from flowfactory import hookimpl
 from flowfactory.errors import FlowFactoryError, PluginError
 from flowfactory_cli import main as cli_main
 
-BUILTIN = ["list", "plugins", "show", "validate", "plan", "run"]
+BUILTIN = ["list", "plugins", "show", "validate", "plan", "run", "plot"]
 
 
 class HelloCommands:
@@ -69,10 +69,25 @@ def command_state(make_state, components_plugin) -> ff_plugins.PluginState:
                       (ClashingCommands(), "flowfactory-clash", "0.4"), components_plugin, strict=False)
 
 
-def test_version_prints_both_packages(cli) -> None:
+def _versions(stdout: str) -> dict[str, str]:
+    return dict(line.split(maxsplit=1) for line in stdout.splitlines())
+
+
+def test_version_prints_core_cli_every_plugin_package_torch_and_diffusers(cli) -> None:
     result = cli("--version")
     assert result.exit_code == 0
-    assert result.stdout == f"flowfactory {flowfactory.__version__}\nflowfactory-cli {flowfactory_cli.__version__}\n"
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    plugin_packages = sorted({ep.dist.metadata["Name"] for ep in metadata.entry_points(group="flowfactory")})
+    assert names == ["flowfactory", "flowfactory-cli", *plugin_packages, "torch", "diffusers"]
+    versions = _versions(result.stdout)
+    assert versions["flowfactory"] == flowfactory.__version__
+    assert versions["flowfactory-cli"] == flowfactory_cli.__version__
+    for name in [*plugin_packages, "torch", "diffusers"]:
+        try:
+            expected = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            expected = "not installed"
+        assert versions[name] == expected, name
 
 
 def test_cli_version_matches_the_installed_distribution() -> None:
@@ -186,4 +201,6 @@ def test_python_dash_m_runs_ff() -> None:
     proc = subprocess.run([sys.executable, "-m", "flowfactory_cli", "--version"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"flowfactory {flowfactory.__version__}\nflowfactory-cli {flowfactory_cli.__version__}\n"
+    versions = _versions(proc.stdout)
+    assert (versions["flowfactory"], versions["flowfactory-cli"]) == (flowfactory.__version__,
+                                                                      flowfactory_cli.__version__)

@@ -120,10 +120,15 @@ def test_plugins_json_shows_each_plugin_and_its_error(cli, broken_state) -> None
     result = cli("plugins", "--json", state=broken_state, strict=False)
     assert result.exit_code == 0
     records = {r["name"]: r for r in json.loads(result.stdout)}
+    broken_error = records["broken"].pop("error")
+    assert broken_error.startswith("ImportError: No module named 'torchvision' (at ")
+    assert f"{__file__}:{_broken.__code__.co_firstlineno + 1}" in broken_error  # the line that raised
     assert records["broken"] == {"name": "broken", "package": "flowfactory-broken", "version": "0.9",
-                                 "hooks": [], "error": "ImportError: No module named 'torchvision'"}
+                                 "entry_point": "broken = broken_module", "hooks": [], "warning": None,
+                                 "slow_imports": []}
     assert records["extra"] == {"name": "extra", "package": "flowfactory-extra", "version": "2.0",
-                                "hooks": ["register_rewards"], "error": None}
+                                "entry_point": "extra = extra_module", "hooks": ["register_rewards"],
+                                "error": None, "warning": None, "slow_imports": []}
     assert records["flowfactory.samplers"]["package"] == "flowfactory"
     assert records["flowfactory.samplers"]["hooks"] == ["register_samplers"]
     assert list(records) == ["flowfactory.samplers", "flowfactory.rewards", "broken", "extra"]
@@ -132,8 +137,8 @@ def test_plugins_json_shows_each_plugin_and_its_error(cli, broken_state) -> None
 def test_plugins_table_marks_failures(cli, broken_state) -> None:
     result = cli("plugins", state=broken_state, strict=False)
     assert result.exit_code == 0
-    rows = {r[0]: r for r in _rows(result.stdout)}
-    assert rows["broken"] == ["broken", "flowfactory-broken", "0.9", "-",
-                              "failed: ImportError: No module named 'torchvision'"]
+    rows = {r[0]: r for r in _rows(result.stdout) if r[0]}
+    assert rows["broken"][:4] == ["broken", "flowfactory-broken", "0.9", "-"]
+    assert rows["broken"][4].startswith("failed: ImportError: No module named 'torchvision' (at ")
     assert rows["extra"] == ["extra", "flowfactory-extra", "2.0", "register_rewards", "ok"]
     assert rows["flowfactory.rewards"][1:] == ["flowfactory", flowfactory.__version__, "register_rewards", "ok"]

@@ -10,7 +10,7 @@ import pytest
 import flowfactory
 import flowfactory.plugins as ff_plugins
 from flowfactory import hookimpl
-from flowfactory.errors import PluginError
+from flowfactory.errors import PluginError, UnknownComponentError
 
 TEST_PACKAGE, TEST_VERSION = "test-plugins", "1.0"  # what the `make_state` fixture registers inline plugins as
 
@@ -75,6 +75,9 @@ def test_entry_points_are_loaded_with_their_distribution(make_state, fake_entry_
     assert infos["good"].error is None
 
 
+BROKEN_LINE = _broken.__code__.co_firstlineno + 1  # the `raise` in _broken
+
+
 def test_broken_entry_point_is_isolated_and_recorded(fake_entry_points) -> None:
     fake_entry_points(("broken", "flowfactory-broken", "0.9", _broken),
                       ("good", "flowfactory-good", "2.3", lambda: RewardPlugin("good-reward")))
@@ -82,22 +85,34 @@ def test_broken_entry_point_is_isolated_and_recorded(fake_entry_points) -> None:
     assert state.registry.get("reward", "good-reward").package == "flowfactory-good"
     broken = next(p for p in state.plugins if p.name == "broken")
     assert (broken.package, broken.version) == ("flowfactory-broken", "0.9")
-    assert broken.error == "ImportError: No module named 'missing_dependency'"
+    assert broken.error == f"ImportError: No module named 'missing_dependency' (at {__file__}:{BROKEN_LINE})"
+    assert broken.entry_point == "broken = broken_module"
     assert broken.hooks == []
     assert state.errors == [broken]
+    assert state.registry.failed_packages == ["flowfactory-broken"]
 
 
-def test_strict_mode_raises_naming_the_package(fake_entry_points) -> None:
+def test_strict_mode_raises_naming_the_package_and_keeps_the_state(fake_entry_points) -> None:
     fake_entry_points(("broken", "flowfactory-broken", "0.9", _broken))
     with pytest.raises(PluginError) as info:
         ff_plugins.load(strict=True)
     msg = str(info.value)
-    assert msg.startswith("plugin 'broken' from flowfactory-broken 0.9 failed to load: "
-                          "ImportError: No module named 'missing_dependency' (at ")
-    assert "test_plugins.py:" in msg  # where the import failed
-    assert msg.endswith("Fix or uninstall that package (FLOWFACTORY_STRICT_PLUGINS=1 makes this an error).")
-    assert "Traceback" not in msg
+    assert msg == (f"plugin 'broken' from flowfactory-broken 0.9 failed to load: ImportError: No module named "
+                   f"'missing_dependency' (at {__file__}:{BROKEN_LINE}). Fix or uninstall that package "
+                   "(FLOWFACTORY_STRICT_PLUGINS=1 makes this an error; `ff plugins` lists every plugin).")
     assert isinstance(info.value.__cause__, ImportError)
+    assert [p.name for p in info.value.state.errors] == ["broken"]  # what `ff plugins` shows in strict mode
+
+
+def test_strict_mode_lists_every_problem_at_once(make_state) -> None:
+    with pytest.raises(PluginError) as info:
+        make_state((Misspelled(), "flowfactory-typo", "0.1"), (NoHooks(), "flowfactory-empty", "0.2"))
+    lines = str(info.value).splitlines()
+    assert lines[0] == "2 plugins have problems:"
+    assert lines[1].startswith("  plugin 'Misspelled' from flowfactory-typo 0.1: implements unknown hook")
+    assert lines[2].startswith("  plugin 'NoHooks' from flowfactory-empty 0.2: it implements no flowfactory hook")
+    assert lines[3] == ("Fix or uninstall those packages (FLOWFACTORY_STRICT_PLUGINS=1 makes this an error; "
+                        "`ff plugins` lists every plugin).")
 
 
 @pytest.mark.parametrize(("value", "strict"), [("1", True), ("true", True), ("yes", True), ("0", False),
@@ -113,19 +128,37 @@ def test_strict_follows_the_environment(monkeypatch, fake_entry_points, value: s
         assert ff_plugins.load().errors[0].package == "flowfactory-broken"
 
 
-def test_same_kind_and_name_from_two_packages_is_an_error(make_state) -> None:
-    with pytest.raises(PluginError) as info:
-        make_state((RewardPlugin("dup"), "pkg-a", "1"), (RewardPlugin("dup"), "pkg-b", "1"), strict=False)
-    msg = str(info.value)
-    assert "reward 'dup' is registered twice" in msg
-    assert "pkg-a" in msg and "pkg-b" in msg
-    assert "Uninstall one of them" in msg
+class TwoRewards:
+    @hookimpl
+    def register_rewards(self, register: Callable[..., Any]) -> None:
+        register("dup", build_component)
+        register("only-b", build_component)
 
 
-def test_a_plugin_reusing_a_builtin_name_is_an_error(make_state) -> None:
-    with pytest.raises(PluginError, match=r"reward 'brightness' is registered twice: by \S+ and by \S+") as info:
-        make_state((RewardPlugin("brightness"), "flowfactory-shiny", "1"))
-    assert {"flowfactory", "flowfactory-shiny"} <= set(str(info.value).replace(".", " ").split())
+def test_same_kind_and_name_from_two_packages_keeps_the_first_and_skips_the_second(make_state) -> None:
+    state = make_state((RewardPlugin("dup"), "pkg-a", "1"), (TwoRewards(), "pkg-b", "2"), strict=False)
+    a, b = state.plugins[-2:]
+    assert a.error is None
+    assert b.error.startswith(f"reward 'dup' (registered at {__file__}:")
+    assert ") is already registered by pkg-a 1 (at " in b.error
+    assert b.error.endswith("every component of pkg-b is left out; a config naming it is refused. Uninstall one of "
+                            "the two packages, or rename the component in one of them")
+    assert state.registry.get("reward", "dup", contested_ok=True).package == "pkg-a"
+    assert "only-b" not in state.registry.names("reward")  # the second package contributes nothing
+    with pytest.raises(PluginError, match=r"reward 'dup'.* pkg-a 1 .*Uninstall one of the two packages"):
+        make_state((RewardPlugin("dup"), "pkg-a", "1"), (TwoRewards(), "pkg-b", "2"), strict=True)
+
+
+def test_a_plugin_reusing_a_builtin_name_is_recorded_and_the_name_refused(make_state) -> None:
+    state = make_state((RewardPlugin("brightness"), "flowfactory-shiny", "1"), strict=False)
+    shiny = state.plugins[-1]
+    assert "reward 'brightness' (registered at " in shiny.error
+    assert f"is already registered by flowfactory {flowfactory.__version__} (at " in shiny.error
+    assert state.registry.contested("reward", "brightness") == [f"flowfactory {flowfactory.__version__}",
+                                                                 "flowfactory-shiny 1"]
+    with pytest.raises(UnknownComponentError, match=r"registered by more than one package: flowfactory \S+ and "
+                                                    r"flowfactory-shiny 1\."):
+        state.registry.get("reward", "brightness")
 
 
 class Misspelled:
@@ -134,13 +167,59 @@ class Misspelled:
         register("never", build_component)
 
 
-def test_misspelled_hook_is_an_error_naming_the_plugin(make_state) -> None:
-    with pytest.raises(PluginError) as info:
-        make_state((Misspelled(), "flowfactory-typo", "0.1"), strict=False)
-    msg = str(info.value)
-    assert msg.startswith("plugin 'Misspelled' from flowfactory-typo 0.1 implements unknown hook "
-                          "'register_polices' (did you mean 'register_policies'?).")
-    assert "register_commands, register_optimizers, register_policies, register_rewards, register_samplers" in msg
+def test_misspelled_hook_is_recorded_naming_the_hook_and_its_line(make_state) -> None:
+    state = make_state((Misspelled(), "flowfactory-typo", "0.1"), strict=False)
+    info = state.plugins[-1]
+    line = Misspelled.register_polices.__code__.co_firstlineno
+    assert info.error == (f"implements unknown hook 'register_polices' (did you mean 'register_policies'?) at "
+                          f"{__file__}:{line}; check its spelling: the hooks of flowfactory are register_commands, "
+                          "register_optimizers, register_policies, register_rewards, register_samplers")
+    assert "never" not in state.registry.names("policy")
+    assert state.pm.get_plugin("flowfactory-typo:Misspelled") is None  # never handed to pluggy
+
+
+class WrongArgument:
+    @hookimpl
+    def register_rewards(self, registr: Callable[..., Any]) -> None:
+        registr("never", build_component)
+
+
+def test_a_hook_argument_the_spec_lacks_is_recorded_at_its_line(make_state) -> None:
+    state = make_state((WrongArgument(), "flowfactory-arg", "0.1"), strict=False)
+    line = WrongArgument.register_rewards.__code__.co_firstlineno
+    assert state.plugins[-1].error == (
+        f"hook register_rewards(registr) at {__file__}:{line} takes 'registr', which flowfactory does not pass; "
+        "name its argument 'register' (a hook may take a subset of register_rewards(register))")
+
+
+class NoHooks:
+    def register_rewards(self, register: Callable[..., Any]) -> None:  # not marked @hookimpl
+        register("never", build_component)
+
+
+def test_a_plugin_without_hookimpl_is_a_warning(make_state) -> None:
+    state = make_state((NoHooks(), "flowfactory-empty", "0.2"), strict=False)
+    info = state.plugins[-1]
+    assert (info.error, info.hooks) == (None, [])
+    assert info.warning.startswith("it implements no flowfactory hook: nothing in ")
+    assert info.warning.endswith("is marked @flowfactory.hookimpl. Mark its register_* functions with @hookimpl, "
+                                 "or remove the entry point")
+    assert state.problems == [info] and state.errors == []
+
+
+class BadOptions:
+    @hookimpl
+    def register_rewards(self, register: Callable[..., Any]) -> None:
+        register("fine", build_component)
+        register("bad", build_component, options={"quality": 90})
+
+
+def test_options_that_are_not_a_model_are_recorded_at_the_register_line(make_state) -> None:
+    state = make_state((BadOptions(), "flowfactory-opts", "0.3"), strict=False)
+    line = BadOptions.register_rewards.__code__.co_firstlineno + 3
+    assert state.plugins[-1].error.startswith(
+        f"register_rewards: reward 'bad' options must be a pydantic model class, not dict (at {__file__}:{line}); ")
+    assert "fine" not in state.registry.names("reward")  # all of the plugin's components, or none
 
 
 class RaisingHook:
@@ -153,10 +232,28 @@ class RaisingHook:
 def test_a_raising_register_hook_is_recorded_or_strict_error(make_state, components_plugin) -> None:
     state = make_state((RaisingHook(), "flowfactory-raises", "3"), components_plugin, strict=False)
     info = next(p for p in state.plugins if p.package == "flowfactory-raises")
-    assert info.error == "register_rewards raised RuntimeError: boom"
+    line = RaisingHook.register_rewards.__code__.co_firstlineno + 3
+    assert info.error == f"register_rewards raised RuntimeError: boom (at {__file__}:{line})"
+    assert "half-done" not in state.registry.names("reward")
     assert state.registry.get("policy", "tiny-policy").package == TEST_PACKAGE  # the others still register
-    with pytest.raises(PluginError, match=r"^flowfactory-raises: register_rewards raised RuntimeError: boom$"):
+    with pytest.raises(PluginError, match=r"^plugin 'RaisingHook' from flowfactory-raises 3 failed to load: "
+                                          r"register_rewards raised RuntimeError: boom \(at "):
         make_state((RaisingHook(), "flowfactory-raises", "3"), strict=True)
+
+
+def test_heavy_imports_while_an_entry_point_loads_are_recorded_with_their_line(fake_entry_points) -> None:
+    def load_heavy() -> Any:
+        import torch  # noqa: F401  (already imported in this session: the import statement is what counts)
+
+        return RewardPlugin("heavy-reward")
+
+    fake_entry_points(("heavy", "flowfactory-heavy", "1", load_heavy),
+                      ("light", "flowfactory-light", "1", lambda: RewardPlugin("light-reward")))
+    state = ff_plugins.load(strict=True)  # slow, not broken: strict mode lets it load
+    infos = {p.name: p for p in state.plugins}
+    assert infos["heavy"].slow_imports == [f"torch (at {__file__}:{load_heavy.__code__.co_firstlineno + 1})"]
+    assert infos["light"].slow_imports == []
+    assert state.registry.get("reward", "heavy-reward").package == "flowfactory-heavy"
 
 
 def test_get_state_loads_once_and_reset_forgets(monkeypatch, fake_entry_points) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flowfactory.errors import PluginError, UnknownComponentError
+from flowfactory.errors import AmbiguousComponentError, PluginError, UnknownComponentError
 from flowfactory.registry import KINDS, BuildContext, NoOptions, Registry
 
 
@@ -110,17 +111,63 @@ def test_the_same_name_under_two_kinds_is_fine(registry: Registry) -> None:
     assert registry.get("sampler", "ode").package == "pkg-samplers"
 
 
-@pytest.mark.parametrize(("name", "build_fn", "options", "message"), [
-    ("", build, None, "pkg: a reward was registered without a name"),
-    ("x", "not callable", None, "pkg: reward 'x' was registered with a build that is not callable"),
-    ("x", build, dict, "pkg: reward 'x' options must be a pydantic model class"),
-    ("x", build, QualityOptions(), "pkg: reward 'x' options must be a pydantic model class"),
+@pytest.mark.parametrize(("name", "build_fn", "options", "message", "fix"), [
+    ("", build, None, "pkg: a reward was registered without a name", "pass the name a config selects"),
+    ("x", "not callable", None, "pkg: reward 'x' was registered with a build that is not callable",
+     "pass a function build(options, ctx)"),
+    ("x", build, dict, "pkg: reward 'x' options must be a pydantic model class, not dict", "options=Options"),
+    ("x", build, QualityOptions(), "pkg: reward 'x' options must be a pydantic model class, not QualityOptions",
+     "(the class, not an instance)"),
 ])
-def test_bad_registrations_name_the_package(name: str, build_fn: Any, options: Any, message: str) -> None:
+def test_bad_registrations_name_the_package_the_line_and_the_fix(name: str, build_fn: Any, options: Any,
+                                                                 message: str, fix: str) -> None:
     register = Registry().registrar("reward", "pkg", "1")
+    line = sys._getframe().f_lineno + 2  # the `register(...)` call's line
     with pytest.raises(PluginError) as info:
         register(name, build_fn, options=options)
-    assert str(info.value) == message
+    assert str(info.value).startswith(f"{message} (at {__file__}:{line}); ")
+    assert fix in str(info.value)
+
+
+def test_commit_adds_all_or_none_and_marks_a_clash_contested(registry: Registry) -> None:
+    staged: list = []
+    register = registry.registrar("reward", "pkg-late", "2.0", into=staged)
+    register("late-only", build)
+    register("brightness", build)
+    assert registry.names("reward") == ["brightness", "colour-match"]  # staged, not added yet
+    [clash] = registry.commit(staged)
+    assert clash.startswith(f"reward 'brightness' (registered at {__file__}:")
+    kept = registry.get("reward", "brightness", contested_ok=True)
+    assert clash.endswith(f") is already registered by pkg-rewards 1.2 (at {kept.where})")
+    assert kept.where.startswith(f"{__file__}:")  # the fixture's register(...) line
+    assert registry.names("reward") == ["brightness", "colour-match"]  # late-only left out with its package
+    assert registry.contested("reward", "brightness") == ["pkg-rewards 1.2", "pkg-late 2.0"]
+    assert registry.contested("reward", "colour-match") == []
+    with pytest.raises(AmbiguousComponentError) as info:
+        registry.get("reward", "brightness")
+    assert isinstance(info.value, UnknownComponentError)  # a config reports it at the component's `name`
+    assert str(info.value) == (
+        "reward 'brightness' is registered by more than one package: pkg-rewards 1.2 and pkg-late 2.0. A config "
+        "naming it could mean either, so it is refused. Uninstall one of them (e.g. `pip uninstall pkg-late`), or "
+        "rename the component in one package; `ff plugins` shows both.")
+    assert registry.get("reward", "brightness", contested_ok=True).package == "pkg-rewards"  # the first kept
+    staged = []
+    registry.registrar("reward", "pkg-fine", "1", into=staged)("fine", build)
+    assert registry.commit(staged) == [] and registry.get("reward", "fine").package == "pkg-fine"
+
+
+def test_one_package_registering_a_name_twice_is_refused_at_the_second_call() -> None:
+    register = Registry().registrar("reward", "pkg", "1", into=[])
+    register("twice", build)
+    with pytest.raises(PluginError, match=r"^pkg: reward 'twice' is registered twice by this package \(at .*"
+                                          r"test_registry.py:\d+ and at .*test_registry.py:\d+\); remove one"):
+        register("twice", build)
+
+
+def test_unknown_message_names_packages_that_failed_to_load(registry: Registry) -> None:
+    registry.failed_packages = ["flowfactory-broken"]
+    assert registry.unknown_message("reward", "pickscore").endswith(
+        "These plugin packages failed to load: flowfactory-broken (`ff plugins` shows why).")
 
 
 def test_unknown_kind_in_a_registrar_is_refused() -> None:

@@ -22,7 +22,7 @@ def hook_names() -> list[str]:
 def test_every_hook_is_documented_with_its_signature(name):
     doc = (ROOT / "docs" / "hooks.md").read_text()
     fn = getattr(hookspecs, name)
-    signature = f"{name}{inspect.signature(fn)}"
+    signature = f"{name}({', '.join(inspect.signature(fn).parameters)})"  # the types: "## The register callback"
     assert f"## {signature}" in doc, f"docs/hooks.md needs a section headed `## {signature}`"
 
 

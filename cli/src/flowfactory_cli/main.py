@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -97,21 +98,28 @@ def _print_json(data: Any) -> None:
 def _print_version(value: bool) -> None:
     if not value:
         return
-    from flowfactory import __version__ as core_version
-    from flowfactory_cli import __version__ as cli_version
-
-    typer.echo(f"flowfactory {core_version}\nflowfactory-cli {cli_version}")
+    typer.echo(render.versions_text(render.version_records()))
     raise typer.Exit()
 
 
-def root(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Show the versions of flowfactory and flowfactory-cli.")] = False,
-) -> None:
-    """Reinforcement learning for flow-matching image and video models.
+STRICT_KEY = "flowfactory.strict"  # ctx.meta key: whether this app runs in strict plugin mode
 
-    `ff list` shows the installed components, `ff run CONFIG` trains.
-    """
+
+def _make_root(strict: bool) -> Any:
+    def root(
+        ctx: typer.Context,
+        version: Annotated[bool, typer.Option(
+            "--version", callback=_print_version, is_eager=True,
+            help="Show the versions of flowfactory, flowfactory-cli, every installed plugin package, torch and "
+                 "diffusers.")] = False,
+    ) -> None:
+        """Reinforcement learning for flow-matching image and video models.
+
+        `ff list` shows the installed components, `ff run CONFIG` trains.
+        """
+        ctx.meta[STRICT_KEY] = strict
+
+    return root
 
 
 def list_components(
@@ -139,12 +147,24 @@ def list_plugins(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
 ) -> None:
-    """List loaded plugins: entry point, package, version, hooks implemented, and any load error."""
-    records = render.plugin_records(_state(ctx).plugins)
+    """List loaded plugins: entry point, package, version, hooks implemented, and any problem with its file:line.
+
+    Exits non-zero in strict mode (FLOWFACTORY_STRICT_PLUGINS=1) when a plugin has a problem, after the table."""
+    state = _state(ctx)
+    records = render.plugin_records(state.plugins)
     if as_json:
         _print_json(records)
     else:
         out().print(render.plugins_table(records))
+    if ctx.meta.get(STRICT_KEY) and state.problems:
+        n = len(state.problems)
+        print_error(f"{n} plugin{'s' if n != 1 else ''} ha{'ve' if n != 1 else 's'} a problem (see above); "
+                    "FLOWFACTORY_STRICT_PLUGINS=1 makes that an error. Fix or uninstall "
+                    f"{', '.join(sorted({p.package for p in state.problems}))}.")
+        raise typer.Exit(USER_ERROR)
+    if not as_json and any(r["error"] or r["warning"] or r["slow_imports"] for r in records):
+        out().print("[dim]A failed plugin's components are left out. Fix or uninstall its package; "
+                    "FLOWFACTORY_STRICT_PLUGINS=1 makes every failure and warning an error.[/]")
 
 
 def show(
@@ -160,7 +180,10 @@ def show(
 
     state = _state(ctx)
     _note_plugin_failures(state)
-    spec = state.registry.get(_normalise_kind(kind), name)
+    kind = _normalise_kind(kind)
+    spec = state.registry.get(kind, name, contested_ok=True)
+    if state.registry.contested(kind, name):
+        print_warning(state.registry.contested_message(kind, name) + " Shown: the one kept, the first loaded.")
     rows = option_rows(spec.options)
     if as_json:
         _print_json(render.component_record(spec, rows))
@@ -282,7 +305,7 @@ def _command_names(app: typer.Typer, first_command: int = 0, first_group: int = 
 def add_plugin_commands(app: typer.Typer, state: PluginState, strict: bool) -> None:
     """Call each plugin's `register_commands(app)` on its own: a hook that raises, or that adds a command
     `ff` already has, has its additions removed and its failure recorded on the plugin (`ff plugins` shows
-    it); in strict mode it is a PluginError instead."""
+    it); with strict, it is a PluginError instead."""
     taken = _command_names(app)
     for impl in state.pm.hook.register_commands.get_hookimpls():
         info = state.info_for(impl.plugin_name)
@@ -308,32 +331,48 @@ def add_plugin_commands(app: typer.Typer, state: PluginState, strict: bool) -> N
                                   "that package (FLOWFACTORY_STRICT_PLUGINS=1 makes this an error).") from exc
 
 
-def create_app(state: PluginState | None = None, *, strict: bool | None = None) -> typer.Typer:
+def create_app(state: PluginState | None = None, *, strict: bool | None = None,
+               diagnose: bool = False) -> typer.Typer:
     """A fresh `ff` app bound to `state` (default: the process-wide plugin state), plugin commands added.
 
-    Raises PluginError when plugins cannot be loaded in strict mode (FLOWFACTORY_STRICT_PLUGINS=1).
+    Raises PluginError when a plugin has a problem in strict mode (FLOWFACTORY_STRICT_PLUGINS=1), unless
+    `diagnose`: then the app is built anyway, for `ff plugins` (which shows the problems and exits non-zero)
+    and `ff --version`.
     """
     state = ff_plugins.get_state() if state is None else state
     strict = ff_plugins.strict_default() if strict is None else strict
     app = typer.Typer(
         name="ff",
         cls=_Group,
-        callback=root,
+        callback=_make_root(strict),
         no_args_is_help=True,
         context_settings={"obj": state, "help_option_names": ["-h", "--help"]},
         pretty_exceptions_show_locals=False,
     )
     for name, function in BUILTIN_COMMANDS:
         app.command(name)(function)
-    add_plugin_commands(app, state, strict)
+    add_plugin_commands(app, state, strict and not diagnose)
+    if strict and not diagnose and (exc := ff_plugins.strict_error(state)) is not None:
+        raise exc
     return app
+
+
+DIAGNOSTIC_COMMANDS = ("plugins", "--version")  # they work in strict mode whatever the plugins' problems
 
 
 def main(argv: list[str] | None = None) -> None:
     """The `ff` console script: load plugins, build the app and run it (exits with the command's code)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    diagnose = bool(args) and args[0] in DIAGNOSTIC_COMMANDS
     try:
-        app = create_app()
+        try:
+            state = ff_plugins.get_state()
+        except PluginError as exc:
+            state = getattr(exc, "state", None)
+            if not diagnose or state is None:
+                raise
+        app = create_app(state, diagnose=diagnose)
     except FlowFactoryError as exc:
         print_error(str(exc))
         raise SystemExit(USER_ERROR) from None
-    app(args=argv, prog_name="ff")
+    app(args=args, prog_name="ff")

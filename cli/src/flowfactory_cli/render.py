@@ -49,8 +49,22 @@ def components_table(records: list[dict[str, str]], width: int = 200) -> Table:
 
 
 def plugin_records(plugins: list[PluginInfo]) -> list[dict[str, Any]]:
-    return [{"name": p.name, "package": p.package, "version": p.version, "hooks": list(p.hooks),
-             "error": p.error} for p in plugins]
+    return [{"name": p.name, "package": p.package, "version": p.version, "entry_point": p.entry_point,
+             "hooks": list(p.hooks), "error": p.error, "warning": p.warning, "slow_imports": list(p.slow_imports)}
+            for p in plugins]
+
+
+def plugin_status(r: dict[str, Any]) -> str:
+    """The status cell of one plugin (rich markup): failed, warning, slow start-up, or ok."""
+    lines = []
+    if r["error"]:
+        lines.append(f"[red]failed: {escape(r['error'])}[/]")
+    if r["warning"]:
+        lines.append(f"[yellow]warning: {escape(r['warning'])}[/]")
+    if r["slow_imports"]:
+        lines.append(f"[yellow]slow: imports {escape(', '.join(r['slow_imports']))} when it loads, which slows "
+                     "every `ff` command; import it inside build functions[/]")
+    return "\n".join(lines) or "[green]ok[/]"
 
 
 def plugins_table(records: list[dict[str, Any]]) -> Table:
@@ -60,10 +74,38 @@ def plugins_table(records: list[dict[str, Any]]) -> Table:
     table.add_column("hooks", overflow="fold")
     table.add_column("status", overflow="fold")
     for r in records:
-        status = f"[red]failed: {escape(r['error'])}[/]" if r["error"] else "[green]ok[/]"
         table.add_row(escape(r["name"]), escape(r["package"]), escape(r["version"]),
-                      escape(", ".join(r["hooks"]) or "-"), status)
+                      escape(", ".join(r["hooks"]) or "-"), plugin_status(r))
     return table
+
+
+def version_records() -> list[tuple[str, str]]:
+    """(distribution, version) for `ff --version`: flowfactory, flowfactory-cli, every installed package that
+    provides a `flowfactory` entry point, then torch and diffusers; read from the installed metadata, so
+    nothing is imported ("not installed" when absent)."""
+    from importlib import metadata
+
+    from flowfactory.plugins import ENTRY_POINT_GROUP
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    plugins = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.dist is not None:
+            plugins[ep.dist.metadata["Name"]] = ep.dist.version
+    rows = [("flowfactory", version("flowfactory")), ("flowfactory-cli", version("flowfactory-cli"))]
+    rows += sorted(plugins.items())
+    rows += [(name, version(name)) for name in ("torch", "diffusers")]
+    return rows
+
+
+def versions_text(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {ver}" for name, ver in rows)
 
 
 def component_record(spec: ComponentSpec, rows: list[OptionRow]) -> dict[str, Any]:

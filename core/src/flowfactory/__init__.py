@@ -3,8 +3,8 @@
 The top-level package imports nothing heavy (no torch), so `ff --help` and `ff list` stay fast.
 """
 
-from flowfactory.hookspecs import hookimpl
+from flowfactory.hookspecs import Register, hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["hookimpl", "__version__"]
+__all__ = ["Register", "hookimpl", "__version__"]

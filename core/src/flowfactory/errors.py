@@ -43,3 +43,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 class NonFiniteError(FlowFactoryError):
     """A loss or gradient went NaN or infinite; the step was not applied to the weights."""
+
+
+class AmbiguousComponentError(UnknownComponentError):
+    """A config names a component that two installed packages register: it cannot say which it means."""
