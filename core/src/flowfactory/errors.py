@@ -28,7 +28,8 @@ class ConfigError(FlowFactoryError):
 
 
 class RewardError(FlowFactoryError):
-    """A reward returned something unusable (wrong shape, NaN) or raised; the step is skipped."""
+    """A reward returned something unusable (wrong shape or dtype, NaN) or raised. The run stops before any
+    weight changes that epoch; the last complete epoch is checkpointed and `ff run CONFIG --resume` continues."""
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -63,8 +63,8 @@ class Trajectory:
 class StepDistribution:
     """The Gaussian of one sampler step: x_next ~ N(mean, std^2) elementwise.
 
-    std is 0 for a deterministic step. log_prob: [B] float32, summed over latent dims (Flow-GRPO averages
-    over dims; see the sampler's `log_prob_reduction`)."""
+    std is 0 for a deterministic step. log_prob: [B] float32, the Gaussian log density of the next state
+    averaged (not summed) over latent dims, as Flow-GRPO does (`flowfactory.samplers.gaussian_log_prob`)."""
 
     mean: torch.Tensor
     std: torch.Tensor

@@ -54,8 +54,9 @@ class DiffusersPolicyOptions(BaseModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the frozen parts (text encoders, VAE, and the transformer's base weights under "
-                          "LoRA). null: the run's dtype if set, else float32 for the tiny preset and bfloat16 "
-                          "for `model`. A full finetune keeps the trainable transformer in float32.")
+                          "LoRA). null: float32 for the tiny preset and bfloat16 for `model` (or the BuildContext's "
+                          "dtype when the code building the policy sets one; `ff run` does not). A full finetune "
+                          "keeps the trainable transformer in float32.")
     lora: LoraOptions | None = Field(
         None, description="Train a LoRA adapter with these settings; null: full finetune of the transformer.")
     gradient_checkpointing: bool = Field(

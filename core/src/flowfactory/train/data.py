@@ -1,5 +1,5 @@
 """Prompt sets: a .txt file (one prompt a line, '#' comments), a .jsonl file ({"prompt": ...} per line), or
-a built-in set shipped with flowfactory (`colours`, `colours-eval`)."""
+a built-in set shipped with flowfactory (`colours`, `colours-eval`, `red-blue`, `red-blue-eval`)."""
 
 from __future__ import annotations
 
