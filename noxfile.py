@@ -1,4 +1,5 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s core` (core alone, no plugin installed)."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s core` (core alone, no plugin installed), `nox -s docs`
+(the docs site, built with --strict into site/)."""
 
 import nox
 
@@ -16,7 +17,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def core(session: nox.Session) -> None:
     """The core and its CLI with no plugin installed: the core must not need any."""
-    session.install(TORCH, "-e", "./core[tensorboard]", "-e", "./cli", "pytest")
+    session.install(TORCH, "-e", "./core[tensorboard,plot,wandb]", "-e", "./cli", "pytest")
     session.run("pytest", "tests/core", "tests/cli", *session.posargs, env={"FLOWFACTORY_STRICT_PLUGINS": "1"})
 
 
@@ -24,3 +25,11 @@ def core(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "core", "cli", "plugins", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """mkdocs (material) over docs/, with the API reference from the docstrings (mkdocstrings reads the sources, so
+    nothing needs installing but the tools); --strict turns every warning, such as a broken link, into a failure."""
+    session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26")
+    session.run("mkdocs", "build", "--strict", "-d", "site", *session.posargs)

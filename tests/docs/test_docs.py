@@ -97,12 +97,13 @@ def config_fields() -> list[tuple[str, object]]:
         RewardConfig,
         RunConfig,
         TrainConfig,
+        WandbConfig,
     )
 
     out = []
     for model, prefix in [(RunConfig, ""), (RewardConfig, "rewards[i]."), (DataConfig, "data."),
                           (TrainConfig, "train."), (EMAConfig, "train.ema."), (ParallelConfig, "train.parallel."),
-                          (EvalConfig, "eval."), (GuardConfig, "eval.guard.")]:
+                          (WandbConfig, "train.wandb."), (EvalConfig, "eval."), (GuardConfig, "eval.guard.")]:
         out += [(prefix + name, field) for name, field in model.model_fields.items()]
     return out
 

@@ -266,6 +266,59 @@ def run(
         out().print(render.run_summary_panel(summary))
 
 
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR...", help="Run folders (each holds a metrics.jsonl); several are overlaid.",
+        show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--out", "-o", metavar="FILE", help="PNG to write; default: RUN_DIR/curves.png for one run, ./curves.png "
+                                            "for several.", show_default=False)] = None,
+    metrics: Annotated[list[str] | None, typer.Option(
+        "--metric", "-m", metavar="NAME", help="Plot this metric (e.g. loss, eval/reward/mean) instead of the reward "
+                                               "curves. Repeatable.", show_default=False)] = None,
+) -> None:
+    """Draw reward curves (per reward, train and eval, against epochs) of one or more runs into one PNG."""
+    from flowfactory.train.logging import draw_curves, metric_panels, read_metrics, reward_panels, save_figure
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    names = [d.name or str(d) for d in run_dirs]
+    for d, name in zip(run_dirs, names):
+        path = d / "metrics.jsonl"
+        if not d.is_dir():
+            raise FlowFactoryError(f"{d} is not a folder; give run folders (e.g. runs/quickstart)")
+        if not path.is_file():
+            raise FlowFactoryError(f"{d} holds no metrics.jsonl: it is not a run folder, or its run has not "
+                                   f"finished an epoch yet")
+        rows = read_metrics(path)
+        if not rows:
+            raise FlowFactoryError(f"{path} holds no metrics rows yet: its run has not finished an epoch")
+        runs[str(d) if names.count(name) > 1 else name] = rows
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise FlowFactoryError("ff plot needs matplotlib: pip install 'flowfactory[plot]'") from None
+    if metrics:
+        logged = {k for rows in runs.values() for r in rows for k, v in r.items()
+                  if isinstance(v, (int, float)) and k != "epoch"}
+        missing = [m for m in metrics if m not in logged]
+        if missing:
+            raise FlowFactoryError(f"no run logged {', '.join(map(repr, missing))}; they logged "
+                                   f"{', '.join(sorted(logged))}")
+        panels = metric_panels(runs, list(metrics))
+    else:
+        panels = reward_panels(runs)
+        if not panels:
+            raise FlowFactoryError("the runs logged no reward metrics (reward/mean); pick others with --metric")
+    target = output if output is not None else (run_dirs[0] / "curves.png" if len(run_dirs) == 1
+                                                else Path("curves.png"))
+    title = ", ".join(runs) if len(runs) > 1 else next(iter(runs))
+    try:
+        save_figure(draw_curves(panels, title=title), target)
+    except OSError as exc:
+        raise FlowFactoryError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    out().print(f"wrote {escape(str(target))}")
+
+
 def _is_main_process() -> bool:
     """False in the non-zero ranks of `accelerate launch`/`torchrun` (RANK is set by both), so a
     multi-process run prints its summary once."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -78,6 +79,17 @@ class ParallelConfig(_Strict):
         False, description="fsdp: keep parameter shards, gradients and optimizer state in CPU memory between uses.")
 
 
+class WandbConfig(_Strict):
+    enabled: bool = Field(False, description="Also log to Weights & Biases: the run's config, every metrics row and the "
+                                             "sample grids (needs `pip install 'flowfactory[wandb]'`).")
+    project: str = Field("flowfactory", min_length=1, description="W&B project the run is logged to.")
+    entity: str | None = Field(None, description="W&B entity (user or team); null: your default entity.")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="`online` (needs `wandb login`), `offline` (logged into the run folder's wandb/, "
+                          "uploaded later with `wandb sync`) or `disabled`; null: WANDB_MODE, else online.")
+    tags: list[str] = Field(default_factory=list, description="Tags of the W&B run.")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(40, ge=1, description="Rollout/update rounds.")
     prompts_per_epoch: int = Field(4, ge=1, description="Distinct prompts sampled per epoch (global).")
@@ -108,6 +120,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(10, ge=0, description="Epochs between checkpoints; 0 disables.")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     tensorboard: bool = Field(True, description="Log to tensorboard when the package is installed.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases logging (off by default).")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN or infinite loss or gradient is never applied: `stop` ends the run (the last "
                             "consistent epoch is checkpointed), `skip` skips that optimizer step and goes on.")
@@ -485,6 +498,9 @@ def _cross_checks(cfg: RunConfig, source: str, processes: int = 1) -> list[tuple
             probs.append((key, str(exc).removeprefix(f"{key}: ")))
     probs += split_problems(cfg, processes)
     probs += _eval_problems(cfg)
+    if t.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        probs.append(("train.wandb.enabled", "wandb is not installed; `pip install 'flowfactory[wandb]'`, or set "
+                                             "train.wandb.enabled: false"))
     if t.parallel.strategy == "fsdp" and t.mixed_precision == "fp16":
         probs.append(("train.mixed_precision", "fp16 needs a gradient scaler, which FSDP2 sharding does not use; "
                                                "use bf16, or train.parallel.param_dtype: bfloat16"))

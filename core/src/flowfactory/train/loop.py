@@ -39,7 +39,7 @@ from flowfactory.errors import FlowFactoryError, NonFiniteError, RewardError, Ru
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: its old import path)
 from flowfactory.train import checkpoint as ckpt
-from flowfactory.train import parallel, runfolder
+from flowfactory.train import parallel, provenance, runfolder
 from flowfactory.train.advantages import compute_advantages
 from flowfactory.train.conditioning import ConditioningCache
 from flowfactory.train.data import load_prompts
@@ -134,7 +134,10 @@ class Recipe:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(_config_dump(self.cfg), indent=2))
-        self.log = MetricsLog(self.out, self.t.tensorboard, self.start_epoch) if self.main else None
+            provenance.write(self.out, _config_dump(self.cfg), self.accelerator,
+                             self.start_epoch if self.resume else None)
+        self.log = MetricsLog(self.out, self.t.tensorboard, self.start_epoch, wandb=self.t.wandb,
+                              config=_config_dump(self.cfg)) if self.main else None
         self.last_logged = self.last_saved = self.start_epoch
         self.tracker = EvalTracker.from_config(self.cfg)
         if self.start_epoch and (self.out / "metrics.jsonl").exists():  # decide as the uninterrupted run would
@@ -840,11 +843,11 @@ def _config_dump(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ (train.epochs may grow on resume, and the guard may be changed)."""
+    """Keys whose values differ (train.epochs may grow on resume; the guard and W&B logging may be changed)."""
     out = []
     for k in sorted(set(old) | set(new)):
         key = f"{prefix}.{k}" if prefix else k
-        if key in ("train.epochs", "output_dir") or key.startswith("eval.guard"):
+        if key in ("train.epochs", "output_dir") or key.startswith(("eval.guard", "train.wandb")):
             continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
