@@ -344,6 +344,7 @@ BUILTIN_COMMANDS: tuple[tuple[str, Any], ...] = (
     ("validate", validate),
     ("plan", plan),
     ("run", run),
+    ("plot", plot),
 )
 
 
