@@ -29,6 +29,7 @@ from flowfactory.errors import FlowFactoryError, PluginError
 from flowfactory.registry import KIND_PLURALS, KINDS
 from flowfactory_cli import render
 from flowfactory_cli.console import err, out, print_error, print_warning
+from flowfactory_cli.new import new as new_package
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -344,6 +345,7 @@ BUILTIN_COMMANDS: tuple[tuple[str, Any], ...] = (
     ("validate", validate),
     ("plan", plan),
     ("run", run),
+    ("new", new_package),
     ("plot", plot),
 )
 
