@@ -175,7 +175,7 @@ def test_main_reports_plugin_errors_without_traceback(monkeypatch, capsys) -> No
                             "uninstall that package (FLOWFACTORY_STRICT_PLUGINS=1 makes this an error).\n")
 
 
-HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft")
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "matplotlib", "wandb")
 
 IMPORT_CHECK = f"""
 import sys
