@@ -10,7 +10,7 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
 from flowfactory.registry import Registry
-from flowfactory.testing import DiffusersPolicyContract
+from flowfactory.testing import DiffusersPolicyContract, override_contract
 from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
 from flowfactory_qwen_image.tiny import build_tiny_pipeline
 
@@ -42,6 +42,7 @@ class TestQwenImageDiffusers(DiffusersPolicyContract):
         pipe.prompt_template_encode_start_idx = policy.pipe.prompt_template_encode_start_idx
         return pipe
 
+    @override_contract("extends the check: the error also names QwenImagePipeline")
     def test_exactly_one_of_model_and_preset(self, registry: Registry) -> None:
         super().test_exactly_one_of_model_and_preset(registry)
         assert "QwenImagePipeline" in self._error_text(registry, {})

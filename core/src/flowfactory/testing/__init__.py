@@ -9,13 +9,42 @@
 `DiffusersPolicyContract` (in `flowfactory.testing.diffusers`) checks a diffusers-based policy against stock
 diffusers: parity with the pipeline's `__call__`, LoRA and full-finetune saves it loads, options and build errors.
 
+A suite's `test_*` methods are its contract: a subclass that redefines or deletes one fails the suite's
+`test_no_overrides`, unless the override is marked with `override_contract("reason")`.
+
 The suites need pytest and torch; they are imported on first use, so `flowfactory.testing.plugin` (the
 `toy` policy's registration) stays as light as any entry-point module, and diffusers only inside the tests.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+OVERRIDE_MARK = "__flowfactory_override_contract__"  # attribute override_contract sets: the reason
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def override_contract(reason: str) -> Callable[[_F], _F]:
+    """Mark a test that redefines a contract suite's test of the same name, saying why this component differs:
+
+        class TestMyRewardContract(RewardContract):
+            component = "my-reward"
+
+            @override_contract("scores whole groups: rows depend on each other by design")
+            def test_scores_do_not_depend_on_other_rows(self, reward):
+                pytest.skip("groupwise reward")
+
+    Without it the suite's `test_no_overrides` fails, naming the method.
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise TypeError('override_contract needs a reason: @override_contract("why this component differs")')
+
+    def mark(function: _F) -> _F:
+        setattr(function, OVERRIDE_MARK, reason)
+        return function
+
+    return mark
 
 _CONTRACTS = ("PolicyContract", "SamplerContract", "RewardContract", "OptimizerContract",
               "load_registry", "make_generators", "max_abs_diff")
@@ -23,7 +52,7 @@ _CONTRACTS = ("PolicyContract", "SamplerContract", "RewardContract", "OptimizerC
 _SUITES = {**{name: "flowfactory.testing.contracts" for name in _CONTRACTS},
            "DiffusersPolicyContract": "flowfactory.testing.diffusers"}
 
-__all__ = [*_SUITES, "ToyPolicy"]
+__all__ = [*_SUITES, "ToyPolicy", "override_contract"]
 
 
 def __getattr__(name: str) -> Any:

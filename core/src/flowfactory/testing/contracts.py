@@ -9,7 +9,12 @@ A plugin's test file subclasses a suite and names its component:
         options = {"preset": "tiny", "lora": {"rank": 4}}   # validated by the component's options model
 
 Each suite builds the component the way `ff run` does: through the registry of every installed plugin
-(loaded strictly, so a broken plugin fails the suite) plus the `toy` test policy, with `BuildContext(seed=...)`.
+plus the `toy` test policy, with `BuildContext(seed=...)`. Installed plugins load leniently, so an unrelated
+broken package does not fail your tests (when the component under test is missing, the error names the
+packages that failed); the suite's own inline plugins (`extra_plugins`) load strictly.
+
+A suite's `test_*` methods are the contract: `test_no_overrides` fails, naming the method, when a subclass
+redefines or deletes one without `@flowfactory.testing.override_contract("reason")`.
 The sampler and optimizer suites run on the toy policy, so they need no diffusers. The base classes are
 not named `Test*`, so pytest collects only their subclasses. Expensive knobs (prompts, steps, sizes) are
 class attributes; the fixtures (`registry`, `policy`, `sampler`, ...) are class-scoped and may be overridden.
@@ -28,8 +33,9 @@ import pytest
 import torch
 from torch import nn
 
-from flowfactory.errors import FlowFactoryError
+from flowfactory.errors import FlowFactoryError, PluginError
 from flowfactory.registry import BuildContext, Registry
+from flowfactory.testing import OVERRIDE_MARK
 from flowfactory.types import (
     Conditioning,
     LossOutput,
@@ -50,18 +56,50 @@ PluginEntry = tuple[Any, str, str]  # (plugin object, package name, version), as
 
 # --- helpers, public so plugin tests can use them too ------------------------------------------------------
 
-def load_registry(extra_plugins: Sequence[PluginEntry] = (), *, entry_points: bool = True) -> Registry:
-    """The registry `ff run` would see (installed entry points, strict), plus the `toy` policy and
-    `extra_plugins` (inline plugins of a test that are not installed as entry points).
+def load_registry(extra_plugins: Sequence[PluginEntry] = (), *, entry_points: bool = True,
+                  strict: bool = False) -> Registry:
+    """The registry `ff run` would see (installed entry points), plus the `toy` policy and `extra_plugins`
+    (inline plugins of a test that are not installed as entry points).
 
-    entry_points=False leaves installed plugin packages out: core's own tests use it so that they do not
-    depend on which plugins are installed."""
+    Installed plugins load leniently whatever FLOWFACTORY_STRICT_PLUGINS says (strict=True: any problem is
+    a PluginError), so another package's broken plugin does not fail a plugin author's tests; the registry's
+    `failed_packages` names them in the "no such component" error. A problem of `extra_plugins` or the toy
+    plugin is always a PluginError. entry_points=False leaves installed plugin packages out: core's own
+    tests use it so that they do not depend on which plugins are installed."""
     from flowfactory import plugins
     from flowfactory.testing import plugin as toy_plugin
 
-    state = plugins.load(entry_points=entry_points, extra_plugins=[(toy_plugin, TESTING_PACKAGE, "0"),
-                                                                   *extra_plugins], strict=True)
+    own = [(toy_plugin, TESTING_PACKAGE, "0"), *extra_plugins]
+    state = plugins.load(entry_points=entry_points, extra_plugins=own, strict=strict)
+    own_problems = [p for p in state.problems if p.entry_point is None and p.package != "flowfactory"]
+    if own_problems:
+        raise PluginError("; ".join(f"inline plugin {p.name!r} ({p.package}): {p.problem}" for p in own_problems))
     return state.registry
+
+
+def _is_suite(cls: type) -> bool:
+    """A contract suite shipped by flowfactory (contracts, diffusers), as opposed to a plugin's test class."""
+    return cls.__module__.startswith("flowfactory.testing.")
+
+
+def contract_overrides(cls: type) -> list[str]:
+    """One line per contract test (a `test_*` method of a flowfactory suite `cls` inherits) that `cls` or a
+    class between redefines or deletes without `@flowfactory.testing.override_contract("reason")`."""
+    suites = [k for k in cls.__mro__ if _is_suite(k)]
+    problems = []
+    for name in sorted({n for k in suites for n in vars(k) if n.startswith("test_")}):
+        owner = next(k for k in cls.__mro__ if name in vars(k))
+        value = vars(owner)[name]
+        if _is_suite(owner) or getattr(value, OVERRIDE_MARK, None):
+            continue
+        suite = next(k for k in suites if name in vars(k))
+        what = "overrides" if callable(value) else f"deletes (sets it to {value!r})"
+        problems.append(
+            f"{owner.__qualname__}.{name} {what} the contract test {suite.__name__}.{name}. A component that "
+            "cannot meet it should say why: decorate the override with "
+            "@flowfactory.testing.override_contract(\"reason\") (call pytest.skip(reason) in it to leave the "
+            "check out), or remove it.")
+    return problems
 
 
 def make_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -144,10 +182,22 @@ class _ComponentContract:
         spec = registry.get(cls.kind, cls.component)
         return spec.create(copy.deepcopy(dict(cls.options)), cls.context(seed))
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not _is_suite(cls) and "test_no_overrides" in vars(cls):
+            raise TypeError(f"{cls.__qualname__} redefines test_no_overrides, the guard of the contract suite; "
+                            "remove it (mark an overridden contract test with "
+                            "@flowfactory.testing.override_contract(\"reason\") instead)")
+
     @pytest.fixture(scope="class")
     @classmethod
     def registry(cls) -> Registry:
         return load_registry(cls.extra_plugins)
+
+    def test_no_overrides(self) -> None:
+        """The suite's tests are the contract: none is silently redefined or deleted by this class."""
+        problems = contract_overrides(type(self))
+        assert not problems, "\n".join(problems)
 
 
 def _toy_policy(registry: Registry, options: Mapping[str, Any], seed: int) -> Policy:
