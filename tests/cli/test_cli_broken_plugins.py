@@ -17,11 +17,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import flowfactory
 import flowfactory.plugins as ff_plugins
+from flowfactory import hookimpl
 
 # dist name -> (entry point name, module, source); a module of None: the entry point names a missing module
 PACKAGES: dict[str, tuple[str, str, str | None]] = {
@@ -189,3 +191,19 @@ def test_an_entry_point_module_importing_torch_is_flagged_in_process(installed: 
     # torch is named with the line that imported it; the shipped entry points import nothing heavy
     assert slow == {"flowfactory-heavy": [f"torch (at {installed / 'ffx_heavy_helper.py'}:1)"]}
     assert len(state.plugins) > 3  # the first-party plugins were loaded beside it
+
+
+class Shiny:
+    @hookimpl
+    def register_rewards(self, register: Any) -> None:
+        register("brightness", lambda options, ctx: None, summary="a second brightness")
+
+
+def test_ff_show_of_a_contested_name_shows_the_kept_one_and_warns(cli, make_state) -> None:
+    state = make_state((Shiny(), "flowfactory-shiny", "1"), strict=False)
+    result = cli("show", "reward", "brightness", state=state, strict=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"brightness (reward) from flowfactory {flowfactory.__version__}\n")
+    assert (f"Warning: reward 'brightness' is registered by more than one package: flowfactory "
+            f"{flowfactory.__version__} and flowfactory-shiny 1.") in result.stderr
+    assert "Shown: the one kept, the first loaded." in result.stderr
