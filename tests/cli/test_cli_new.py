@@ -211,7 +211,7 @@ def test_generated_reward_installs_and_passes_its_tests(tmp_path: Path) -> None:
 
 
 def test_generated_sampler_installs_and_passes_its_tests(tmp_path: Path) -> None:
-    assert passed(run_generated("sampler", tutorial_name("sampler"), tmp_path)) >= 20
+    assert passed(run_generated("sampler", tutorial_name("sampler"), tmp_path)) >= 13
 
 
 def test_generated_algorithm_installs_and_passes_its_tests(tmp_path: Path) -> None:
