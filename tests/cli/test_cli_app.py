@@ -18,7 +18,7 @@ from flowfactory import hookimpl
 from flowfactory.errors import FlowFactoryError, PluginError
 from flowfactory_cli import main as cli_main
 
-BUILTIN = ["list", "plugins", "show", "validate", "plan", "run", "plot"]
+BUILTIN = ["list", "plugins", "show", "validate", "plan", "run", "new", "plot"]
 
 
 class HelloCommands:
