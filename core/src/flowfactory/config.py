@@ -397,6 +397,16 @@ def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str,
     if need is not None and need.stochastic and not getattr(sampler, "stochastic", True):
         return ("sampler.name", f"optimizer {cfg.optimizer.name!r} needs a stochastic sampler with log-probabilities, "
                                 f"but {cfg.sampler.name!r} is deterministic; use e.g. `flow-sde`")
+    if need is not None and getattr(need, "whole_groups", False):
+        t = cfg.train
+        if t.micro_batch_size % t.group_size:
+            return ("train.micro_batch_size", f"optimizer {cfg.optimizer.name!r} compares rollouts within a group, "
+                                              f"so each micro-batch holds whole groups: use a multiple of "
+                                              f"train.group_size = {t.group_size}")
+        if (t.prompts_per_epoch * t.group_size) % (t.steps_per_epoch * t.group_size):
+            return ("train.steps_per_epoch", f"optimizer {cfg.optimizer.name!r} needs whole groups in every "
+                                             f"optimizer step: prompts_per_epoch ({t.prompts_per_epoch}) per process "
+                                             f"must split evenly into {t.steps_per_epoch} steps")
     check = getattr(algorithm, "check_sampler", None)
     problem = check(sampler) if callable(check) else None
     if problem:

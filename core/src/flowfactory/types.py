@@ -177,6 +177,7 @@ class Requirements:
     keep: Literal["steps", "final"] = "steps"  # per-step latents and log-probs, or final latents only
     stochastic: bool = True  # SDE rollout (True) or deterministic ODE rollout (False)
     reference: bool = True  # calls policy.reference() (a KL term); False spares a full finetune its frozen copy
+    whole_groups: bool = False  # every micro-batch holds whole groups (pair losses): the loop shuffles groups
 
 
 @dataclass
@@ -197,7 +198,11 @@ class TrainBatch:
 
     `sample_keys` name each row for randomness; the loop gives (epoch, inner epoch, global sample index). An
     algorithm that draws per-sample randomness (training times, forward-process noise) seeds each row from its
-    key (`row_keys`), so the draws depend neither on how rows fall into micro-batches nor on the process count.
+    key (`row_keys`), so the draws depend neither on how rows fall into micro-batches nor on the process count;
+    a draw shared by many rows comes from `pass_key()`, common to the whole pass over the epoch's samples.
+    `group_ids` ([B] int64, the epoch's global group of each row: rows of one prompt share it) and `rewards`
+    ([B] float32, the combined reward) let an algorithm compare rows within a group; with
+    `Requirements.whole_groups` every group in a micro-batch is complete.
     """
 
     trajectory: Trajectory
@@ -205,6 +210,27 @@ class TrainBatch:
     advantages: torch.Tensor  # [B] float32
     fresh: bool  # True while the policy still equals the one that sampled (first update of the epoch)
     sample_keys: tuple[tuple[int, ...], ...] | None = None
+    group_ids: torch.Tensor | None = None  # [B] int64
+    rewards: torch.Tensor | None = None  # [B] float32
+
+    def pass_key(self) -> tuple[int, ...]:
+        """A key every row of this pass shares: the rows' keys without their last (per-sample) part, i.e.
+        (epoch, inner epoch) from the loop; () for a batch built without keys."""
+        if self.sample_keys is None:
+            return ()
+        prefixes = {tuple(int(v) for v in key[:-1]) for key in self.sample_keys}
+        if len(prefixes) != 1:
+            raise ValueError(f"TrainBatch: rows from different passes {sorted(prefixes)} share a micro-batch")
+        return prefixes.pop()
+
+    def groups(self) -> list[list[int]]:
+        """Row indexes of each group, in order of first appearance (requires `group_ids`)."""
+        if self.group_ids is None:
+            raise ValueError("TrainBatch: this batch carries no group_ids")
+        out: dict[int, list[int]] = {}
+        for i, g in enumerate(self.group_ids.tolist()):
+            out.setdefault(int(g), []).append(i)
+        return list(out.values())
 
     def row_keys(self) -> list[tuple[int, ...]]:
         """One integer key per row: `sample_keys`, or (row index,) for a batch built without them."""
@@ -221,7 +247,9 @@ class TrainBatch:
         keys = self.row_keys()
         return TrainBatch(trajectory=self.trajectory.select(rows), cond=select_rows(self.cond, rows),
                           advantages=self.advantages[rows], fresh=self.fresh if fresh is None else fresh,
-                          sample_keys=None if self.sample_keys is None else tuple(keys[i] for i in index))
+                          sample_keys=None if self.sample_keys is None else tuple(keys[i] for i in index),
+                          group_ids=None if self.group_ids is None else self.group_ids[rows],
+                          rewards=None if self.rewards is None else self.rewards[rows])
 
 
 @runtime_checkable

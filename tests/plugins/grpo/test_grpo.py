@@ -114,6 +114,23 @@ def test_kl_to_reference_matches_gaussian_kl():
     torch.testing.assert_close(out.metrics["grpo/kl"], kl.mean())
 
 
+def test_flow_grpo_kl_normalization_divides_by_std_t_squared_without_dt():
+    """Flow-GRPO divides the squared mean difference by std_t^2, the step's std before sqrt(-dt): with the
+    step's total std s and |dt| = 0.5 (sigmas 1 -> 0.5), std_t^2 = s^2 / 0.5, a KL 1/|dt| = 2x weaker."""
+    std = 0.25
+    x_batch = make_batch(torch.zeros(2), torch.zeros(2))
+    x = x_batch.trajectory.latents[:, 0]
+    diff2 = ((x * 1.0 - x * 0.5) ** 2).mean(dim=1)
+    out = {}
+    for norm in ("step", "flow-grpo"):
+        grpo = build(clip_range=0.2, kl_beta=0.1, kl_normalization=norm)
+        out[norm] = grpo.loss(DoublePolicy(), FixedSampler(torch.zeros(2), std=std), x_batch, unit=0)
+    torch.testing.assert_close(out["step"].metrics["grpo/kl"], (diff2 / (2 * std**2)).mean())
+    std_t2 = std**2 / 0.5
+    torch.testing.assert_close(out["flow-grpo"].metrics["grpo/kl"], (diff2 / (2 * std_t2)).mean())
+    torch.testing.assert_close(out["flow-grpo"].loss, 0.1 * diff2 / (2 * std_t2))
+
+
 def test_agreement_only_reported_on_fresh_batches():
     grpo = build()
     sampler = FixedSampler(torch.zeros(2), std=0.3)

@@ -217,6 +217,12 @@ class Recipe:
         mismatch = sampler_mismatch(cfg, self.sampler, self.algorithm)
         if mismatch:
             raise FlowFactoryError(f"{self.source}: {mismatch[0]}: {mismatch[1]}")
+        groups_here = self.n_local // self.t.group_size
+        if getattr(self.algorithm.requirements, "whole_groups", False) and groups_here % self.t.steps_per_epoch:
+            raise FlowFactoryError(
+                f"{self.source}: train.steps_per_epoch: optimizer {cfg.optimizer.name!r} needs whole groups in every "
+                f"optimizer step, but each of the {self.world} processes holds {groups_here} groups, which do not "
+                f"split into {self.t.steps_per_epoch} steps")
         set_seed(cfg.seed)
         # an algorithm that never calls policy.reference() (no KL term) spares a full finetune its frozen copy
         policy_ctx = replace(ctx, reference=self.algorithm.requirements.reference or cfg.eval.kl_period() > 0)
@@ -407,6 +413,7 @@ class Recipe:
         adv_all, reward_all = compute_advantages(gathered, self.rewards.weights, group_ids, std=self.t.adv_std,
                                                  clip=self.t.adv_clip, combine=self.t.reward_combine)
         advantages = adv_all[local.start:local.stop].to(self.device)
+        self.epoch_rewards = reward_all[local.start:local.stop].to(self.device)
 
         stats = self.update(epoch, roll, advantages, local)
         period = self.cfg.eval.kl_period()
@@ -504,17 +511,26 @@ class Recipe:
     def micro_batches(self, epoch: int, inner: int, roll: Rollouts, advantages: torch.Tensor,
                       local: range) -> list[list[TrainBatch]]:
         """For each optimizer step of this inner epoch, its micro-batches: rows shuffled by (seed, epoch, inner,
-        rank), split into steps, then into micro-batches."""
+        rank), split into steps, then into micro-batches. An algorithm that needs whole groups
+        (`Requirements.whole_groups`) gets the groups shuffled instead, each kept together and in order."""
         t = self.t
         per_step = self.n_local // t.steps_per_epoch
-        order = torch.from_numpy(np.random.default_rng([self.cfg.seed, epoch, 2, inner, self.rank])
-                                 .permutation(self.n_local))
+        rng = np.random.default_rng([self.cfg.seed, epoch, 2, inner, self.rank])
+        if getattr(self.algorithm.requirements, "whole_groups", False):  # local rows start on a group boundary
+            groups = rng.permutation(self.n_local // t.group_size)
+            order = torch.from_numpy((groups[:, None] * t.group_size + np.arange(t.group_size)).reshape(-1))
+        else:
+            order = torch.from_numpy(rng.permutation(self.n_local))
+        group_ids = torch.tensor(roll.group_ids, dtype=torch.long)
+        rewards = getattr(self, "epoch_rewards", None)
         steps = []
         for step in range(t.steps_per_epoch):
             idx = order[step * per_step:(step + 1) * per_step]
             steps.append([TrainBatch(trajectory=roll.trajectory.select(mb), cond=select_rows(roll.cond, mb),
                                      advantages=advantages[mb], fresh=inner == 0 and step == 0,
-                                     sample_keys=tuple((epoch, inner, local.start + int(i)) for i in mb))
+                                     sample_keys=tuple((epoch, inner, local.start + int(i)) for i in mb),
+                                     group_ids=group_ids[mb],
+                                     rewards=None if rewards is None else rewards[mb.to(rewards.device)])
                           for mb in idx.split(t.micro_batch_size)])
         return steps
 

@@ -17,12 +17,12 @@ class AWMOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     num_times: int = Field(6, ge=1, description=(
-        "K: noise levels t per rollout (shared by the micro-batch for discrete and logit_normal), each its own "
+        "K: noise levels t per rollout (shared by the pass over the epoch for discrete and logit_normal), each its own "
         "forward/backward (reference `train_timesteps`)."))
     time_type: Literal["discrete", "uniform", "logit_normal"] = Field("discrete", description=(
         "How t is drawn: `discrete` = the sampler's sigmas, one stratum each, never the first (reference "
         "`discrete_wo_init`); `uniform` = stratified in [time_min, time_max], per sample; `logit_normal` = "
-        "stratified logit-normal, shared by the micro-batch."))
+        "stratified logit-normal, shared by the pass."))
     time_shift: float = Field(3.0, gt=0, description=(
         "Shift s of `uniform`/`logit_normal` times: t <- s t / (1 + (s - 1) t) (1 = none)."))
     timestep_fraction: float = Field(0.9, gt=0, le=1, description=(

@@ -15,8 +15,10 @@ against the forward-process target as the log-likelihood surrogate:
 Errors and log-likelihoods are computed in float64, as the reference does. Every draw comes from a generator
 seeded by the run seed and `TrainBatch` keys (epoch, inner epoch, global sample index), never from torch's
 global RNG, so a resumed run equals an uninterrupted one. Noise eps, and `uniform` times, are drawn per
-rollout from its own key, whatever its micro-batch or process; `discrete` and `logit_normal` times are shared
-by a micro-batch, as the reference does, and drawn from the key of its first row.
+rollout from its own key, whatever its micro-batch or process; `discrete` and `logit_normal` times are shared,
+as the reference shares them within a micro-batch, but drawn from the key of the whole pass (`pass_key`), so
+every micro-batch of the pass trains at the same K times and the update does not depend on the micro-batch size
+or the process count.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from flowfactory.train.state import named_trainable
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
 
 _STREAM = 0x41574D  # "AWM": keeps this optimizer's seeds apart from the loop's (seed, epoch, index) seeds
+_SHARED = 0x41574E  # the stream of times shared by a whole pass (keyed by the pass, not a rollout)
 
 
 @dataclass
@@ -189,8 +192,9 @@ class AWM(OptimizerHooks):
 
         if o.time_type == "uniform":  # per rollout
             times = torch.cat([times_for(1, key) for key in keys], dim=1)
-        else:  # one time per unit for the whole micro-batch, as the reference
-            times = times_for(len(keys), keys[0])
+        else:  # one time per unit shared by the rows, as the reference; drawn from the pass's key, so neither the
+            # micro-batch size nor the process count changes which times a rollout trains at
+            times = times_for(len(keys), (self.seed, _SHARED, *batch.pass_key()))
         return [AWMUnit(index=k, times=times[k], noise_seeds=tuple(sample_seed(*key, k + 1) for key in keys))
                 for k in range(o.num_times)]
 

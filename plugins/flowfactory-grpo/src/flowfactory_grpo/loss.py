@@ -3,7 +3,9 @@
 For a rollout with advantage A and a stochastic step t with stored log-prob l_old:
     r = exp(l_new - l_old)
     loss = max(-A r, -A clip(r, 1 - c, 1 + c))  +  beta * KL_t
-    KL_t = mean over latent dims of (mu_theta - mu_ref)^2 / (2 std_t^2)     (both Gaussians share std_t)
+    KL_t = mean over latent dims of (mu_theta - mu_ref)^2 / (2 s^2)     (both Gaussians share the step's std s)
+with s^2 = std_t^2 |dt| the step's variance (`kl_normalization: step`, the Gaussian KL), or std_t^2 alone
+(`kl_normalization: flow-grpo`, as Flow-GRPO's code: 1/|dt| times weaker, so its kl_beta values carry over).
 Each stochastic step is its own forward/backward (one update unit per trained timestep).
 
 GRPO-Guard (Wang et al. 2025, arXiv 2510.22319), `guard: true`. The step is Gaussian with a std s that does
@@ -123,7 +125,10 @@ class GRPO:
             with policy.reference():
                 ref = sampler.step_distribution(policy, x, traj.sigmas, unit, batch.cond, stochastic=True)
             dims = tuple(range(1, dist.mean.ndim))
-            kl = ((dist.mean - ref.mean.detach()) ** 2).mean(dim=dims) / (2 * dist.std**2)
+            var = dist.std**2  # the step's variance std_t^2 |dt|
+            if o.kl_normalization == "flow-grpo":  # Flow-GRPO divides by std_t^2 alone
+                var = var / abs(float(traj.sigmas[unit + 1]) - float(traj.sigmas[unit]))
+            kl = ((dist.mean - ref.mean.detach()) ** 2).mean(dim=dims) / (2 * var)
             loss = loss + o.kl_beta * kl
             metrics["grpo/kl"] = kl.detach().mean()
         max_metrics = {}
