@@ -119,3 +119,20 @@ def test_a_resumed_log_plots_the_rows_it_keeps(tmp_path: Path) -> None:
     assert [r["epoch"] for r in resumed.rows] == [1, 2, 3, 4]  # the plot covers the whole run so far
     panels = reward_panels({"": resumed.rows})
     assert panels[0].series[1].epochs == [2, 4]
+
+
+def test_a_plotting_failure_is_a_note_not_a_stopped_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    import flowfactory.train.logging as logging_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(logging_module, "draw_curves", broken)
+    log = MetricsLog(tmp_path, tensorboard=False, resume_epoch=None)
+    for r in rows(2):
+        log.log(r)
+    log.close()
+    assert capsys.readouterr().err.count(f"flowfactory: could not draw {tmp_path / 'curves.png'}: RuntimeError: "
+                                         f"no fonts") == 2  # at the eval and at the end
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "curves.png").exists()

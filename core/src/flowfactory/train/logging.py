@@ -104,8 +104,10 @@ class MetricsLog:
             return
         try:
             save_figure(draw_curves(reward_panels({"": self.rows}), title=self.out.name), self.out / CURVES)
-        except OSError as exc:
+        except OSError as exc:  # a full disk stops the run as any other write does
             raise write_error(exc, self.out / CURVES) from exc
+        except Exception as exc:  # a plotting bug must not stop a training run: say so and go on
+            print(f"flowfactory: could not draw {self.out / CURVES}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def close(self) -> None:
         """Closes tensorboard and W&B and draws the final curves.png. Called on the way out of a failed run too, so
