@@ -31,5 +31,5 @@ def lint(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """mkdocs (material) over docs/, with the API reference from the docstrings (mkdocstrings reads the sources, so
     nothing needs installing but the tools); --strict turns every warning, such as a broken link, into a failure."""
-    session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26")
+    session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")  # ruff: formats the signatures
     session.run("mkdocs", "build", "--strict", "-d", "site", *session.posargs)
