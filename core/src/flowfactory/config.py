@@ -56,6 +56,12 @@ class RewardConfig(ComponentConfig):
 class DataConfig(_Strict):
     train: str = Field("colours", description="Prompt file (.txt, one per line; .jsonl with 'prompt') or a built-in set.")
     eval: str | None = Field("colours-eval", description="Held-out prompts, same forms; null disables eval.")
+    replay: str | None = Field(
+        None, description="Train on another run's stored rollouts (its folder, or its rollouts/ folder; written with "
+                          "train.store_rollouts) instead of sampling: epoch e replays stored epoch e. null: sample.")
+    replay_rescore: bool = Field(
+        False, description="Score the replayed samples with this run's rewards even when the stored scores are of "
+                           "the same rewards (they are re-scored anyway when the rewards differ).")
 
 
 class EMAConfig(_Strict):
@@ -97,6 +103,12 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(8, ge=1, description="Rollouts per forward/backward, per process.")
     rollout_batch_size: int = Field(16, ge=1, description="Rollouts sampled at once, per process.")
     steps_per_epoch: int = Field(1, ge=1, description="Optimizer steps the epoch's samples are split into.")
+    store_rollouts: bool = Field(
+        False, description="Save every epoch's rollouts (prompts, trajectories as the algorithm kept them, samples, "
+                           "rewards, keys) under <run>/rollouts/ as safetensors, for data.replay in other runs.")
+    store_media: Literal["uint8", "float32", "none"] = Field(
+        "uint8", description="How stored rollouts keep the decoded samples: 8-bit (like a PNG), exact float32, or "
+                             "not at all (a replay then cannot re-score).")
     overlap_rewards: bool = Field(
         True, description="Score each rollout chunk (whole groups) in a worker thread while the next one samples; "
                           "false scores inline. The scores are identical either way.")
@@ -507,6 +519,14 @@ def _cross_checks(cfg: RunConfig, source: str, processes: int = 1) -> list[tuple
         except FlowFactoryError as exc:
             probs.append((key, str(exc).removeprefix(f"{key}: ")))
     probs += split_problems(cfg, processes)
+    if cfg.data.replay is not None:
+        from flowfactory.train.store import find_store
+
+        replay = Path(cfg.data.replay)
+        try:
+            find_store(replay if replay.is_absolute() or base is None else base / replay)
+        except FlowFactoryError as exc:
+            probs.append(("data.replay", str(exc).removeprefix("data.replay: ")))
     probs += _eval_problems(cfg)
     if t.wandb.enabled and importlib.util.find_spec("wandb") is None:
         probs.append(("train.wandb.enabled", "wandb is not installed; `pip install 'flowfactory[wandb]'`, or set "

@@ -48,6 +48,7 @@ from flowfactory.train.guard import EvalTracker, RewardHackingError, kl_message
 from flowfactory.train.logging import MetricsLog, read_metrics, reward_windows, save_grid
 from flowfactory.train.rewards import ChunkScorer, RewardSet
 from flowfactory.train.state import init_optimizer_state, named_trainable, optimizer_state, raw_module
+from flowfactory.train.store import find_store, load_rows, save_rows
 from flowfactory.types import Conditioning, OptimizerHooks, Samples, TrainBatch, Trajectory, select_rows
 
 EVAL_KEY = 2**31 - 1  # the epoch slot of eval samples' keys: eval noise is the same at every eval
@@ -235,11 +236,15 @@ class Recipe:
             [(r.name, registry.get("reward", r.name).create(options[f"eval.rewards[{i}]"], ctx), r.weight)
              for i, r in enumerate(cfg.eval.rewards)], timeouts={r.name: r.timeout for r in cfg.eval.rewards})
         self.hooks = AlgorithmHooks(self.algorithm)
+        self.hooks.bind_rewards(self.rewards)  # an algorithm that differentiates the rewards keeps them
         cache_dir = self.t.conditioning_cache
         base_dir = config_dir(self.source)
         if cache_dir is not None and not Path(cache_dir).is_absolute() and base_dir is not None:
             cache_dir = str(base_dir / cache_dir)
         self.encode = ConditioningCache(self.policy, capacity=512, directory=cache_dir)
+        self.replay = None if cfg.data.replay is None else find_store(
+            Path(cfg.data.replay) if Path(cfg.data.replay).is_absolute() or base_dir is None
+            else base_dir / cfg.data.replay)
 
     def _parallelize(self) -> None:
         """Shard (FSDP2) or wrap (DDP) the trained module, then set up the algorithm, AdamW and the EMA over the
@@ -388,12 +393,21 @@ class Recipe:
         t1 = t0
         try:
             self.policy.module.eval()
-            with self.hooks.sampling(self.policy):
-                roll = self.rollout(prompts, keys, groups, deterministic=not self.algorithm.requirements.stochastic,
-                                    keep=self.algorithm.requirements.keep, epoch=epoch, scorer=scorer)
+            if self.replay is not None:  # the stored epoch instead of sampling it
+                roll, per_reward, total = self.replayed(epoch, local, scorer)
+                prompts = roll.prompts
+            else:
+                with self.hooks.sampling(self.policy):
+                    roll = self.rollout(prompts, keys, groups, deterministic=not self.algorithm.requirements.stochastic,
+                                        keep=self.algorithm.requirements.keep, epoch=epoch, scorer=scorer)
+                per_reward = None
             self.hooks.on_rollout(self.policy)
             t1 = time.perf_counter()
-            per_reward, total = scorer.result()
+            if per_reward is None:
+                per_reward, total = scorer.result()
+            if self.t.store_rollouts:
+                save_rows(self.out / "rollouts", epoch, local.start, roll.prompts, roll.keys, roll.group_ids,
+                          roll.trajectory, roll.media, per_reward, self.t.store_media)
         except Exception as exc:  # agreed on below, so every process stops, not only this one
             error = exc
         finally:
@@ -434,6 +448,34 @@ class Recipe:
             row.update(self.evaluate(epoch))
         row["time/epoch_s"] = time.perf_counter() - t0
         return row
+
+    def replayed(self, epoch: int, local: range, scorer: ChunkScorer) -> tuple[Rollouts, dict[str, torch.Tensor],
+                                                                            torch.Tensor]:
+        """This process's rows of the stored epoch (`data.replay`), with the stored scores when the run's rewards
+        are the stored ones, else scored now from the stored samples."""
+        need = self.algorithm.requirements
+        rows = load_rows(self.replay, epoch, local, self.device)
+        traj = rows.trajectory
+        if need.keep == "steps" and (traj.latents is None or traj.log_probs is None):
+            raise FlowFactoryError(f"data.replay: {self.replay} stored final latents only, but optimizer "
+                                   f"{self.cfg.optimizer.name!r} needs every step's latents and log-probs; store "
+                                   f"them with an algorithm that keeps steps (grpo), or replay with nft/awm")
+        if need.stochastic and not bool(traj.stochastic.any()):
+            raise FlowFactoryError(f"data.replay: the stored rollouts of {self.replay} are deterministic (ODE), "
+                                   f"but optimizer {self.cfg.optimizer.name!r} needs stochastic steps with log-probs")
+        roll = Rollouts(prompts=rows.prompts, keys=rows.keys, group_ids=rows.group_ids, trajectory=traj,
+                        cond=self.encode(rows.prompts), media=rows.media)
+        if not self.cfg.data.replay_rescore and set(self.rewards.names) <= set(rows.rewards):
+            per_reward = {n: rows.rewards[n] for n in self.rewards.names}
+            return roll, per_reward, sum(self.rewards.weights[n] * per_reward[n] for n in per_reward)
+        if rows.media is None:
+            raise FlowFactoryError(f"data.replay: {self.replay} stored no samples (train.store_media: none), so "
+                                   f"rewards {', '.join(self.rewards.names)} cannot score them; replay with the "
+                                   f"stored rewards ({', '.join(rows.rewards)})")
+        scorer.prompts, scorer.group_ids = rows.prompts, rows.group_ids
+        scorer.add(rows.media)
+        per_reward, total = scorer.result()
+        return roll, per_reward, total
 
     def epoch_prompts(self, epoch: int) -> tuple[list[str], range, torch.Tensor]:
         """P distinct prompts drawn from (seed, epoch), K rollouts each; this process takes a contiguous slice.
@@ -530,7 +572,8 @@ class Recipe:
                                      advantages=advantages[mb], fresh=inner == 0 and step == 0,
                                      sample_keys=tuple((epoch, inner, local.start + int(i)) for i in mb),
                                      group_ids=group_ids[mb],
-                                     rewards=None if rewards is None else rewards[mb.to(rewards.device)])
+                                     rewards=None if rewards is None else rewards[mb.to(rewards.device)],
+                                     prompts=[roll.prompts[int(i)] for i in mb])
                           for mb in idx.split(t.micro_batch_size)])
         return steps
 
@@ -781,6 +824,9 @@ class AlgorithmHooks:
 
     def on_epoch_end(self, policy: Any) -> None:
         self._get("on_epoch_end")(policy)
+
+    def bind_rewards(self, rewards: Any) -> None:
+        self._get("bind_rewards")(rewards)
 
     def state_dict(self) -> dict[str, Any]:
         return self._get("state_dict")()
