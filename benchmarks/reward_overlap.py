@@ -56,7 +56,8 @@ def config(args: argparse.Namespace, overlap: bool) -> dict:
     return {
         "name": "overlap", "seed": 0,
         "policy": {"name": args.policy, "options": options},
-        "sampler": {"name": "flow-sde", "options": {"steps": args.steps, "noise_level": 0.7}},
+        # a window of 2 stochastic steps (Flow-GRPO-Fast) keeps the update short: the epoch is mostly rollout
+        "sampler": {"name": "flow-sde", "options": {"steps": args.steps, "noise_level": 0.7, "sde_window_size": 2}},
         "rewards": [{"name": "slow-brightness"}],
         "optimizer": {"name": "grpo", "options": {"clip_range": 1e-4}},
         "data": {"train": "colours", "eval": None},
