@@ -9,6 +9,8 @@ options models stays free of torch. Import them inside a build function, not at 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flowfactory.hookspecs import hookimpl
@@ -29,6 +31,21 @@ class ODEOptions(BaseModel):
     steps: int = Field(10, ge=1, description="Euler steps from sigma=1 to 0.")
 
 
+class SlidingWindowSchedule(BaseModel):
+    """MixGRPO's sliding SDE window (Li et al. 2025): the window starts at the first position and moves
+    `stride` steps every `every_epochs` epochs; after the last position it starts over (or stays there)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    type: Literal["sliding"] = Field(description="`sliding`: MixGRPO's progressive window (the only schedule).")
+    stride: int = Field(1, ge=1, description="Steps the window moves at each shift (MixGRPO's window stride s).")
+    every_epochs: int = Field(
+        25, ge=1, description="Epochs between shifts (MixGRPO's shift interval tau; its reference's iters_per_group, "
+                              "an iteration being one rollout batch and its updates, as one epoch here).")
+    restart: bool = Field(
+        True, description="After the last position start over at the first (the reference's --roll_back); false: "
+                          "stay at the last position (min(l + s, last start)).")
+
+
 class SDEWindowOptions(BaseModel):
     """Options every SDE sampler shares: step count and which steps are stochastic (the SDE window)."""
 
@@ -38,7 +55,12 @@ class SDEWindowOptions(BaseModel):
         None, ge=1, description="Stochastic steps per rollout (Flow-GRPO-Fast); null: every step but the last.")
     sde_window_range: tuple[int, int] | None = Field(
         None, description="[lo, hi): where the window may start; drawn per epoch. Default [0, min(steps // 2, "
-                          "last - sde_window_size + 1)), last = the number of steps that may be stochastic.")
+                          "last - sde_window_size + 1)), last = the number of steps that may be stochastic; with a "
+                          "sliding sde_window_schedule, the starts it slides over, default [0, last - size + 1).")
+    sde_window_schedule: SlidingWindowSchedule | None = Field(
+        None, description="How the window's start follows the epoch: null draws it per epoch from sde_window_range "
+                          "(Flow-GRPO-Fast); {type: sliding, ...} slides it over sde_window_range (default: every "
+                          "start where the window fits), MixGRPO.")
     deterministic_last_step: bool = Field(
         True, description="Integrate the last step (to sigma=0) without noise, so samples are clean.")
 
@@ -53,6 +75,8 @@ class SDEWindowOptions(BaseModel):
                 raise ValueError("sde_window_range needs sde_window_size")
             if not (0 <= lo < hi and hi + self.sde_window_size - 1 <= last):
                 raise ValueError(f"sde_window_range must satisfy 0 <= lo < hi and hi + size - 1 <= {last}")
+        if self.sde_window_schedule is not None and self.sde_window_size is None:
+            raise ValueError("sde_window_schedule needs sde_window_size (the number of stochastic steps it slides)")
         return self
 
 

@@ -28,6 +28,19 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
+def sliding_window_start(epoch: int, lo: int, hi: int, *, stride: int, every_epochs: int, restart: bool) -> int:
+    """MixGRPO's sliding window start at `epoch` (the loop counts epochs from 1; epoch 0 is epoch 1).
+
+    The start is `lo` for the first `every_epochs` epochs and moves `stride` steps after each further
+    `every_epochs`; its positions are lo, lo + stride, ... below `hi`. After the last one it starts over at
+    `lo` (`restart`) or stays at `hi - 1`, the last start (min(l + s, hi - 1), as MixGRPO's clamp)."""
+    shifts = max(epoch - 1, 0) // every_epochs
+    if restart:
+        positions = (hi - 1 - lo) // stride + 1
+        return lo + (shifts % positions) * stride
+    return min(lo + shifts * stride, hi - 1)
+
+
 def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
 
@@ -120,16 +133,23 @@ class SDESampler(_BaseSampler):
 
     def stochastic_mask(self, epoch: int) -> torch.Tensor:
         """Which steps are stochastic at `epoch`: all (but a deterministic last one), or a window of
-        `sde_window_size` steps whose start is drawn from (seed, epoch) so every process agrees on it."""
+        `sde_window_size` steps whose start is drawn from (seed, epoch), or slid by epoch (`sde_window_schedule`):
+        a function of (options, seed, epoch) only, so every process and a resumed run agree on it."""
         o = self.options
         last = self.steps - (1 if o.deterministic_last_step else 0)
         mask = torch.zeros(self.steps, dtype=torch.bool)
         if o.sde_window_size is None:
             mask[:last] = True
             return mask
-        lo, hi = o.sde_window_range or (0, max(1, min(self.steps // 2, last - o.sde_window_size + 1)))
-        rng = np.random.default_rng([self.seed, epoch, 7919])
-        start = int(rng.integers(lo, hi))
+        if o.sde_window_schedule is not None:
+            lo, hi = o.sde_window_range or (0, last - o.sde_window_size + 1)
+            s = o.sde_window_schedule
+            start = sliding_window_start(epoch, lo, hi, stride=s.stride, every_epochs=s.every_epochs,
+                                         restart=s.restart)
+        else:
+            lo, hi = o.sde_window_range or (0, max(1, min(self.steps // 2, last - o.sde_window_size + 1)))
+            rng = np.random.default_rng([self.seed, epoch, 7919])
+            start = int(rng.integers(lo, hi))
         mask[start:start + o.sde_window_size] = True
         return mask
 
