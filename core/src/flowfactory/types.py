@@ -162,7 +162,13 @@ class Sampler(Protocol):
 
 @runtime_checkable
 class Reward(Protocol):
-    """Scores decoded samples; higher is better. Returns float32 [B] on CPU or the samples' device."""
+    """Scores decoded samples; higher is better. Returns float32 [B] on CPU or the samples' device.
+
+    Optional: `differentiable: ClassVar[bool]` (default False when absent). True promises that when the images
+    (or videos) require grad and grad mode is on, `score` keeps the autograd graph from them to the scores, so
+    an algorithm may back-propagate the reward into the policy (`draft`). Under `torch.no_grad` (how the loop
+    scores rollouts) it must return the same numbers.
+    """
 
     groupwise: ClassVar[bool]  # True: score() receives whole groups and may compare within them
     handles_video: ClassVar[bool]  # False: core scores videos as the mean over frames
@@ -202,7 +208,8 @@ class TrainBatch:
     a draw shared by many rows comes from `pass_key()`, common to the whole pass over the epoch's samples.
     `group_ids` ([B] int64, the epoch's global group of each row: rows of one prompt share it) and `rewards`
     ([B] float32, the combined reward) let an algorithm compare rows within a group; with
-    `Requirements.whole_groups` every group in a micro-batch is complete.
+    `Requirements.whole_groups` every group in a micro-batch is complete. `prompts` are the rows' prompts (an
+    algorithm that scores its own decodes, like `draft`, builds `Samples` from them).
     """
 
     trajectory: Trajectory
@@ -212,6 +219,7 @@ class TrainBatch:
     sample_keys: tuple[tuple[int, ...], ...] | None = None
     group_ids: torch.Tensor | None = None  # [B] int64
     rewards: torch.Tensor | None = None  # [B] float32
+    prompts: list[str] | None = None  # [B], each row's prompt
 
     def pass_key(self) -> tuple[int, ...]:
         """A key every row of this pass shares: the rows' keys without their last (per-sample) part, i.e.
@@ -249,7 +257,8 @@ class TrainBatch:
                           advantages=self.advantages[rows], fresh=self.fresh if fresh is None else fresh,
                           sample_keys=None if self.sample_keys is None else tuple(keys[i] for i in index),
                           group_ids=None if self.group_ids is None else self.group_ids[rows],
-                          rewards=None if self.rewards is None else self.rewards[rows])
+                          rewards=None if self.rewards is None else self.rewards[rows],
+                          prompts=None if self.prompts is None else [self.prompts[i] for i in index])
 
 
 @runtime_checkable
@@ -259,7 +268,7 @@ class PolicyOptimizer(Protocol):
     Optional methods, called by the loop when an algorithm defines them (see `OptimizerHooks`):
     `check_sampler(sampler) -> str | None`, `sampling(policy)` (context the epoch's rollouts run in),
     `on_rollout(policy)`, `on_step(policy)`, `on_epoch_end(policy)`, `state_dict()` / `load_state_dict(state)`
-    (checkpointed).
+    (checkpointed), `bind_rewards(rewards)` (the run's `RewardSet`, once after it is built).
     """
 
     requirements: Requirements
@@ -300,6 +309,13 @@ class OptimizerHooks:
         return None
 
     def on_epoch_end(self, policy: Policy) -> None:
+        return None
+
+    def bind_rewards(self, rewards: Any) -> None:
+        """The run's training rewards (`flowfactory.train.rewards.RewardSet`: `.rewards` is [(name, reward,
+        weight)] in config order), handed over once after they are built and before `setup`. An algorithm
+        that differentiates the rewards (`draft`) keeps them, and raises FlowFactoryError naming a reward it
+        cannot use."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
