@@ -69,7 +69,9 @@ def assert_same_run(a: Path, b: Path, atol: float) -> None:
     ({"sampler": ODE6, "optimizer": {"name": "awm", "options": {"num_times": 2}}}, 1e-4),  # discrete times
     # a KL term: the frozen reference copy is sharded too, and its forwards are collective
     ({"optimizer": {"name": "grpo", "options": {"clip_range": 0.2, "kl_beta": 0.05}}}, 1e-5),
-], ids=["grpo", "nft", "awm", "awm-default", "grpo-kl"])
+    ({"sampler": {"name": "flow-sde", "options": {"steps": 6, "sde_window_size": 2, "sde_window_schedule": {
+        "type": "sliding", "every_epochs": 1}}}}, 1e-5),  # MixGRPO: grpo over a window that moves every epoch
+], ids=["grpo", "nft", "awm", "awm-default", "grpo-kl", "mixgrpo"])
 def test_fsdp_two_processes_equal_one_process(toy_registry, toy_config, tmp_path, sections, atol):
     """FSDP2 over 2 processes (every parameter sharded in two) ends with the 1-process weights, rewards and eval."""
     path = toy_config(train={"epochs": 4, "eval_every": 2, "sample_every": 0, "checkpoint_every": 0, **FSDP},
