@@ -114,7 +114,9 @@ class Policy(Protocol):
         """Predicted velocity for x at noise level sigma ([B] or scalar), CFG/guidance inside."""
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents to images [B, C, H, W] (or videos [B, T, C, H, W]) in [0, 1], float32."""
+        """Latents to images [B, C, H, W] (or videos [B, T, C, H, W]) in [0, 1], float32. Differentiable: when x
+        requires grad (and grad mode is on) the images keep the graph to it (reward back-propagation, `draft`);
+        the decoder's own weights stay frozen."""
 
     def trainable_parameters(self) -> list[Any]:
         """The parameters the RL optimizer updates (LoRA weights, or the whole transformer)."""

@@ -1,4 +1,8 @@
-"""Weight-free rewards: JPEG size (DDPO), brightness, colour match."""
+"""Weight-free rewards: JPEG size (DDPO), brightness, colour match.
+
+Brightness and colour match are differentiable (`differentiable = True`): with images that require grad they keep
+the graph to their scores (reward back-propagation, `draft`); the numbers are the same either way.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def _images(samples: Samples) -> torch.Tensor:
     x = samples.images
     if x.ndim != 4:
         raise RewardError(f"images must be [B, C, H, W]; got shape {tuple(x.shape)}")
-    return x.detach().float().clamp(0, 1)
+    return x.float().clamp(0, 1)  # no detach: a differentiable reward keeps the graph (out-of-place ops only)
 
 
 def _rgb(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,7 @@ class JPEGSize:
 
     groupwise = False
     handles_video = False
+    differentiable = False  # JPEG encoding of 8-bit pixels
 
     def __init__(self, quality: int = 95, sign: float = -1.0):
         self.quality = quality
@@ -77,6 +82,7 @@ class Brightness:
 
     groupwise = False
     handles_video = False
+    differentiable = True
 
     def score(self, samples: Samples) -> torch.Tensor:
         x = _rgb(_images(samples))
@@ -100,6 +106,7 @@ class ColourMatch:
 
     groupwise = False
     handles_video = False
+    differentiable = True
 
     def __init__(self, tolerance: float = 0.35, default: str | None = None):
         self.tolerance = tolerance

@@ -384,6 +384,16 @@ class PolicyContract(_ComponentContract):
             f"decoded values span [{float(img.min())}, {float(img.max())}], not [0, 1]")
         assert max_abs_diff(img, policy.decode(x)) <= self.atol, "decode is not deterministic"
 
+    def test_decode_is_differentiable(self, policy: Policy, x: torch.Tensor) -> None:
+        """Reward back-propagation (`draft`) differentiates the decode: a finite, nonzero gradient reaches the
+        latents, and the images equal those decoded without grad."""
+        latents = x.detach().clone().requires_grad_(True)
+        img = policy.decode(latents)
+        assert img.requires_grad, "decode detaches its input (drop @torch.no_grad: the rollout already runs under it)"
+        assert max_abs_diff(img.detach(), policy.decode(x)) <= self.atol, "decode with grad gives other images"
+        (grad,) = torch.autograd.grad(img.float().mean(), latents)
+        assert bool(torch.isfinite(grad).all()) and bool((grad != 0).any()), "decode's gradient is zero or not finite"
+
     def test_same_seed_builds_the_same_policy(self, registry: Registry, policy: Policy, x: torch.Tensor,
                                               cond: Conditioning) -> None:
         twin = self.build(registry)
@@ -607,6 +617,8 @@ class RewardContract(_ComponentContract):
         for attr in ("groupwise", "handles_video"):
             value = getattr(type(reward), attr, None)
             assert isinstance(value, bool), f"{type(reward).__name__}.{attr} must be a bool class attribute"
+        value = getattr(type(reward), "differentiable", False)
+        assert isinstance(value, bool), f"{type(reward).__name__}.differentiable (optional) must be a bool class attribute"
 
     def test_scores_are_float32_per_sample(self, reward: Reward) -> None:
         images = self.images()
@@ -637,6 +649,22 @@ class RewardContract(_ComponentContract):
             part = reward.score(self.samples(images, rows=rows))
             self._check_scores(part, len(rows))
             assert max_abs_diff(part, full[rows]) <= self.atol, f"scores of rows {rows} change with the batch"
+
+    def test_differentiable_scores_keep_the_graph(self, reward: Reward) -> None:
+        """`differentiable = True`: with images that require grad, the scores carry a finite, nonzero gradient to
+        them and equal the scores under no_grad."""
+        if not getattr(type(reward), "differentiable", False):
+            pytest.skip("differentiable is False: the reward may detach its inputs")
+        images = self.images().requires_grad_(True)
+        with torch.no_grad():
+            plain = reward.score(self.samples(images.detach()))
+        scores = reward.score(self.samples(images))
+        self._check_scores(scores.detach(), images.shape[0])
+        assert scores.requires_grad, "differentiable = True, but the scores are detached from the images"
+        assert max_abs_diff(scores.detach(), plain) <= self.atol, "scores with grad differ from those under no_grad"
+        (grad,) = torch.autograd.grad(scores.sum(), images)
+        assert bool(torch.isfinite(grad).all()), "the gradient to the images has NaN or inf"
+        assert bool((grad != 0).any()), "the gradient to the images is zero everywhere"
 
     def test_videos(self, reward: Reward) -> None:
         if not reward.handles_video:

@@ -83,7 +83,6 @@ class ToyPolicy:
         net = self._reference if self._reference is not None else self.module
         return net(x.float(), sigma, cond["text"].float())
 
-    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 2 + 0.5).clamp(0, 1)
 

@@ -118,7 +118,6 @@ class FluxPolicy(DiffusersPolicyBase):
                   encoder_hidden_states=prompt_embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return out.to(x.dtype)
 
-    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Packed latents to images [B, 3, H, W] in [0, 1], float32 (unpack, unscale, VAE decode)."""
         latents = FluxPipeline._unpack_latents(x, self.height, self.width, self.vae_scale_factor)

@@ -167,7 +167,6 @@ class QwenImagePolicy(DiffusersPolicyBase):
             out = mixed * (torch.norm(out, dim=-1, keepdim=True) / torch.norm(mixed, dim=-1, keepdim=True))
         return out.to(x.dtype)
 
-    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Packed latents to images [B, 3, H, W] in [0, 1], float32 (unpack, un-normalise, VAE decode)."""
         vae = self.vae

@@ -145,7 +145,6 @@ class SD3Policy(DiffusersPolicyBase):
             out = uncond + self.guidance_scale * (text - uncond)
         return out.to(x.dtype)
 
-    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents to images [B, 3, H, W] in [0, 1], float32 (unscale, unshift, VAE decode)."""
         latents = x / self.vae.config.scaling_factor + self.vae.config.shift_factor

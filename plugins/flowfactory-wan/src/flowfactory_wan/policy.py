@@ -249,7 +249,6 @@ class WanPolicy(DiffusersPolicyBase):
             out = uncond + scale * (text - uncond)
         return out.to(x.dtype)
 
-    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents to videos [B, T, 3, H, W] in [0, 1], float32 (un-normalise, Wan VAE decode)."""
         cfg = self.vae.config
