@@ -687,11 +687,20 @@ class OptimizerContract(_ComponentContract):
     prompts: ClassVar[tuple[str, ...]] = ("a red square", "a blue circle")
     group_size: ClassVar[int] = 2  # batch = len(prompts) * group_size
     rows_independent: ClassVar[bool] = True  # a row's loss does not depend on its micro-batch companions
+    # the run's rewards handed to an optimizer that defines bind_rewards, as the loop does: (name, options, weight)
+    rewards: ClassVar[tuple[tuple[str, Mapping[str, Any], float], ...]] = (("brightness", {}, 1.0),)
 
     @pytest.fixture(scope="class")
     @classmethod
     def optimizer(cls, registry: Registry) -> PolicyOptimizer:
-        return cls.build(registry)
+        optimizer = cls.build(registry)
+        bind = getattr(optimizer, "bind_rewards", None)
+        if bind is not None:
+            from flowfactory.train.rewards import RewardSet
+
+            bind(RewardSet([(name, registry.get("reward", name).create(dict(options), cls.context()), weight)
+                            for name, options, weight in cls.rewards]))
+        return optimizer
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -736,7 +745,8 @@ class OptimizerContract(_ComponentContract):
             on_rollout(policy)
         advantages = torch.linspace(-1.0, 1.0, n, dtype=torch.float32)
         return TrainBatch(trajectory=traj, cond=cond, advantages=advantages, fresh=True,
-                          sample_keys=tuple((1, 0, i) for i in range(n)))  # (epoch, inner epoch, sample), as the loop
+                          sample_keys=tuple((1, 0, i) for i in range(n)),  # (epoch, inner epoch, sample), as the loop
+                          prompts=prompts)
 
     @staticmethod
     def sub_batch(batch: TrainBatch, rows: slice, fresh: bool | None = None) -> TrainBatch:
