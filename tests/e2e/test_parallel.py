@@ -71,7 +71,9 @@ def assert_same_run(a: Path, b: Path, atol: float) -> None:
     ({"optimizer": {"name": "grpo", "options": {"clip_range": 0.2, "kl_beta": 0.05}}}, 1e-5),
     ({"sampler": {"name": "flow-sde", "options": {"steps": 6, "sde_window_size": 2, "sde_window_schedule": {
         "type": "sliding", "every_epochs": 1}}}}, 1e-5),  # MixGRPO: grpo over a window that moves every epoch
-], ids=["grpo", "nft", "awm", "awm-default", "grpo-kl", "mixgrpo"])
+    # reward back-propagation through 2 checkpointed steps and the decode
+    ({"sampler": ODE6, "optimizer": {"name": "draft", "options": {"k": 2}}}, 1e-5),
+], ids=["grpo", "nft", "awm", "awm-default", "grpo-kl", "mixgrpo", "draft"])
 def test_fsdp_two_processes_equal_one_process(toy_registry, toy_config, tmp_path, sections, atol):
     """FSDP2 over 2 processes (every parameter sharded in two) ends with the 1-process weights, rewards and eval."""
     path = toy_config(train={"epochs": 4, "eval_every": 2, "sample_every": 0, "checkpoint_every": 0, **FSDP},
