@@ -20,7 +20,8 @@ from flowfactory.config import load
 from flowfactory.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"grpo": "quickstart.yaml", "nft": "quickstart-nft.yaml", "awm": "quickstart-awm.yaml"}
+CONFIGS = {"grpo": "quickstart.yaml", "nft": "quickstart-nft.yaml", "awm": "quickstart-awm.yaml",
+           "dppo": "quickstart-dppo.yaml", "dpo": "quickstart-dpo.yaml"}
 
 
 def reach(rows: list[dict], target: float, window: int) -> tuple[int | None, float | None]:
