@@ -1,8 +1,8 @@
-"""Learning speed of grpo, nft and awm on the quickstart task, side by side, in one process.
+"""Learning speed of grpo, nft, awm and mixgrpo on the quickstart task, side by side, in one process.
 
 Each algorithm runs its shipped quickstart config (examples/quickstart.yaml, quickstart-nft.yaml,
-quickstart-awm.yaml: same tiny FLUX, same prompts, same reward, same seed, same rollouts per epoch) for
-the same number of epochs. For each it prints the wall-clock seconds and epochs until the reward,
+quickstart-awm.yaml, quickstart-mixgrpo.yaml: same tiny FLUX, same prompts, same reward, same seed, same
+rollouts per epoch) for the same number of epochs. For each it prints the wall-clock seconds and epochs until the reward,
 smoothed over a window of epochs, first reaches the target, and the reward at the end.
 
     python benchmarks/learning.py                       # 70 epochs each, target 0.15
@@ -21,7 +21,7 @@ from flowfactory.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"grpo": "quickstart.yaml", "nft": "quickstart-nft.yaml", "awm": "quickstart-awm.yaml",
-           "dppo": "quickstart-dppo.yaml", "dpo": "quickstart-dpo.yaml"}
+           "mixgrpo": "quickstart-mixgrpo.yaml", "dppo": "quickstart-dppo.yaml", "dpo": "quickstart-dpo.yaml"}
 
 
 def reach(rows: list[dict], target: float, window: int) -> tuple[int | None, float | None]:
