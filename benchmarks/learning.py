@@ -2,8 +2,8 @@
 
 Each algorithm runs its shipped quickstart config (examples/quickstart.yaml, quickstart-nft.yaml,
 quickstart-awm.yaml, quickstart-mixgrpo.yaml: same tiny FLUX, same prompts, same reward, same seed, same
-rollouts per epoch) for the same number of epochs. For each it prints the wall-clock seconds and epochs until the reward,
-smoothed over a window of epochs, first reaches the target, and the reward at the end.
+rollouts per epoch) for the same number of epochs. For each it prints the wall-clock seconds and epochs
+until the reward, smoothed over a window of epochs, first reaches the target, and the reward at the end.
 
     python benchmarks/learning.py                       # 70 epochs each, target 0.15
     python benchmarks/learning.py --epochs 40 --target 0.12 --only grpo nft
