@@ -1,5 +1,6 @@
 """Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s core` (core alone, no plugin installed), `nox -s docs`
-(the docs site, built with --strict into site/)."""
+(the docs site, built with --strict into site/), `nox -s wheels` (the packages' wheels and sdists built, installed in a
+clean venv the README's way, and run)."""
 
 import nox
 
@@ -33,3 +34,13 @@ def docs(session: nox.Session) -> None:
     nothing needs installing but the tools); --strict turns every warning, such as a broken link, into a failure."""
     session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")  # ruff: formats the signatures
     session.run("mkdocs", "build", "--strict", "-d", "site", *session.posargs)
+
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """tests/packaging: build core, cli, flux and grpo (wheel and sdist), check each holds its package's files, then
+    `pip install --find-links DIST flowfactory-cli flowfactory-flux flowfactory-grpo` into a clean venv and run
+    `ff --version`, `ff list` and a 2-epoch quickstart there. Needs only pytest and build here (--noconftest: the
+    shared conftest imports flowfactory, which this session does not install)."""
+    session.install("pytest>=8", "build>=1.0", "setuptools>=70.1")
+    session.run("pytest", "tests/packaging", "--noconftest", "-p", "no:cacheprovider", *session.posargs)
