@@ -89,8 +89,9 @@ class ImageTransform:
         return height, width
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] in [0, 1] (C = 1 or 3; more keeps the first 3) -> [B, 3, h, w] float32, same device."""
-        x = images.detach().float().clamp(0, 1)
+        """[B, C, H, W] in [0, 1] (C = 1 or 3; more keeps the first 3) -> [B, 3, h, w] float32, same device.
+        Out-of-place ops only: when `images` require grad, the result keeps the graph to them."""
+        x = images.float().clamp(0, 1)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
         h, w = self.output_size(x.shape[-2], x.shape[-1])
         # PIL resizes in two passes, horizontal then vertical, storing each as 8-bit, which clips the filters'

@@ -1,7 +1,10 @@
 """The CLIP rewards. Imported only by the build functions in `flowfactory_rewards_clip` (torch, transformers).
 
 Every reward embeds images and prompts with a transformers CLIPModel on the run's device, in its `dtype`
-option, under torch.no_grad, `batch_size` images or distinct prompts per forward pass. Images are preprocessed
+option, `batch_size` images or distinct prompts per forward pass. Prompts are embedded under torch.no_grad; images
+too, unless they require grad and grad mode is on: then the image embedding keeps the graph, so pickscore,
+clip-score, aesthetic and hpsv2 are differentiable (`differentiable = True`, for reward back-propagation); the
+CLIP weights stay frozen. pickscore-rank (a rank) is not. Images are preprocessed
 on the device (`ImageTransform`, from the loaded processor's settings); each distinct prompt of a call is
 embedded once. Embeddings are L2-normalised in float32 and scores are float32 [B] on the CPU.
 """
@@ -110,15 +113,16 @@ class ClipEmbedder:
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self.max_length = int(model.config.text_config.max_position_embeddings)
 
-    @torch.no_grad()
     def images(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] in [0, 1] -> [B, D] unit vectors, float32 on the device."""
+        """[B, C, H, W] in [0, 1] -> [B, D] unit vectors, float32 on the device; with the graph to `images` when
+        they require grad (and grad mode is on), else under no_grad."""
         out = []
-        for chunk in images.split(self.batch_size):
-            pixels = self.transform(chunk.to(self.device)).to(self.dtype)
-            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-            out.append(self.model.visual_projection(pooled).float())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            for chunk in images.split(self.batch_size):
+                pixels = self.transform(chunk.to(self.device)).to(self.dtype)
+                pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+                out.append(self.model.visual_projection(pooled).float())
+            return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
     @torch.no_grad()
     def texts(self, prompts: list[str]) -> torch.Tensor:
@@ -156,6 +160,7 @@ class PickScore:
 
     groupwise = False
     handles_video = False
+    differentiable = True
     name = "pickscore"
 
     def __init__(self, embedder: ClipEmbedder):
@@ -195,6 +200,7 @@ class PickScoreRank(PickScore):
 
     groupwise = True
     handles_video = True
+    differentiable = False  # a rank within the group
     name = "pickscore-rank"
 
     def score(self, samples: Samples) -> torch.Tensor:
@@ -225,6 +231,7 @@ class ClipScore:
 
     groupwise = False
     handles_video = False
+    differentiable = True
 
     def __init__(self, embedder: ClipEmbedder, scale: float = 1.0):
         self.embedder, self.scale = embedder, scale
@@ -253,6 +260,7 @@ class Aesthetic:
 
     groupwise = False
     handles_video = False
+    differentiable = True
 
     def __init__(self, embedder: ClipEmbedder, mlp: AestheticMLP):
         self.embedder = embedder
@@ -276,7 +284,6 @@ class Aesthetic:
         processor = load_processor(options.clip_model, clip_where + " (its processor)", example)
         return cls(_embedder(model, processor, options, ctx), mlp)
 
-    @torch.no_grad()
     def score(self, samples: Samples) -> torch.Tensor:
         embeds = self.embedder.images(images_of(samples, "aesthetic"))
         return self.mlp(embeds).squeeze(-1).float().cpu()
@@ -322,6 +329,7 @@ class HPSv2:
 
     groupwise = False
     handles_video = False
+    differentiable = True
 
     def __init__(self, embedder: ClipEmbedder):
         self.embedder = embedder
