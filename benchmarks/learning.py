@@ -21,7 +21,8 @@ from flowfactory.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"grpo": "quickstart.yaml", "nft": "quickstart-nft.yaml", "awm": "quickstart-awm.yaml",
-           "mixgrpo": "quickstart-mixgrpo.yaml", "dppo": "quickstart-dppo.yaml", "dpo": "quickstart-dpo.yaml"}
+           "mixgrpo": "quickstart-mixgrpo.yaml", "dppo": "quickstart-dppo.yaml", "dpo": "quickstart-dpo.yaml",
+           "draft": "quickstart-draft.yaml"}
 
 
 def reach(rows: list[dict], target: float, window: int) -> tuple[int | None, float | None]:
