@@ -4,6 +4,7 @@ Weights & Biases (offline mode, read back from the run's .wandb file with wandb'
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,9 @@ def test_a_resumed_run_continues_its_wandb_run(toy_registry, toy_config, tmp_pat
     cfg, options = load(toy_config(train={**TRAIN, "epochs": 2, "wandb": wb}))
     run(cfg, options, output_dir=str(out), show_progress=False)
     first = json.loads((out / "wandb.json").read_text())["id"]
+    # wandb names an offline run's folder offline-run-<start, to the second>-<id>: a resume starting in the same
+    # second as the first run (a quiet machine runs 2 toy epochs in well under one) would write into its folder
+    time.sleep(1.1)
     cfg, options = load(toy_config(train={**TRAIN, "wandb": {**wb, "tags": ["resumed"]}}))  # W&B keys may change
     run(cfg, options, output_dir=str(out), resume=True, show_progress=False)
     assert json.loads((out / "wandb.json").read_text())["id"] == first
