@@ -4,6 +4,7 @@ the run stops before any weight changes, as for a local reward that raises."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import requests
 
-from flowfactory.errors import RewardError
+from flowfactory.errors import FlowFactoryError, RewardError
 
 T = TypeVar("T")
 RETRIED_STATUS = frozenset({500, 502, 503, 504})
@@ -41,6 +42,18 @@ def answer_text(resp: requests.Response, limit: int = 600) -> str:
     if len(text) > limit:  # a traceback: its end says what failed
         text = "..." + text[-limit:]
     return text or "(empty answer)"
+
+
+
+def bearer_headers(env: str | None, missing: str) -> dict[str, str]:
+    """`{"Authorization": "Bearer <token>"}` with the token read from the environment variable `env` (none when
+    `env` is None); an unset or empty variable is a FlowFactoryError with the message `missing`."""
+    if env is None:
+        return {}
+    token = os.environ.get(env, "")
+    if not token:
+        raise FlowFactoryError(missing)
+    return {"Authorization": f"Bearer {token}"}
 
 
 class Client:

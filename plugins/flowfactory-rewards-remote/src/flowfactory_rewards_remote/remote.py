@@ -8,7 +8,6 @@ starts): a groupwise reward gets whole groups in each request.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from flowfactory.errors import FlowFactoryError, RewardError
 from flowfactory.types import Samples
 from flowfactory_rewards_remote import RemoteOptions
-from flowfactory_rewards_remote.http import Client
+from flowfactory_rewards_remote.http import Client, bearer_headers
 from flowfactory_rewards_remote.protocol import CONTENT_TYPE, PROTOCOL, encode
 
 
@@ -100,14 +99,9 @@ def build_remote(options: RemoteOptions) -> RemoteReward:
     """Ask the server what it serves (GET /rewards), check it is `options.reward`, and build the client with the
     served reward's `groupwise` and `handles_video`. A wrong name or an unreachable server fails here, when the
     run starts (never at `ff validate`)."""
-    headers = {}
-    if options.token_env is not None:
-        token = os.environ.get(options.token_env, "")
-        if not token:
-            raise FlowFactoryError(f"remote reward {options.reward!r}: option token_env names the environment variable "
-                                   f"{options.token_env}, which is not set or is empty. Export the server's token "
-                                   f"(export {options.token_env}=...) before `ff run`.")
-        headers["Authorization"] = f"Bearer {token}"
+    headers = bearer_headers(options.token_env, (
+        f"remote reward {options.reward!r}: option token_env names the environment variable {options.token_env}, "
+        f"which is not set or is empty. Export the server's token (export {options.token_env}=...) before `ff run`."))
     client = Client(what=f"remote reward {options.reward!r}", timeout=options.timeout, retries=options.retries,
                     backoff=options.backoff, max_concurrency=options.max_concurrency, headers=headers,
                     hint=f"Check that the server is running (ff reward serve --reward {options.reward} ...) and "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 import re
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from flowfactory.errors import FlowFactoryError, RewardError
 from flowfactory.types import Samples
 from flowfactory_rewards_remote import VLMJudgeOptions
-from flowfactory_rewards_remote.http import Client
+from flowfactory_rewards_remote.http import Client, bearer_headers
 from flowfactory_rewards_remote.remote import quantise
 
 NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
@@ -47,14 +46,9 @@ class VLMJudge:
 
     def __init__(self, options: VLMJudgeOptions):
         self.options = options
-        headers = {}
-        if options.api_key_env is not None:
-            key = os.environ.get(options.api_key_env, "")
-            if not key:
-                raise FlowFactoryError(f"vlm-judge: option api_key_env names the environment variable "
-                                       f"{options.api_key_env}, which is not set or is empty. Export the API key "
-                                       f"(export {options.api_key_env}=...) or set api_key_env: null.")
-            headers["Authorization"] = f"Bearer {key}"
+        headers = bearer_headers(options.api_key_env, (
+            f"vlm-judge: option api_key_env names the environment variable {options.api_key_env}, which is not set "
+            f"or is empty. Export the API key (export {options.api_key_env}=...) or set api_key_env: null."))
         self.client = Client(what=f"vlm-judge {options.model!r}", timeout=options.timeout, retries=options.retries,
                              backoff=options.backoff, max_concurrency=options.max_concurrency, headers=headers,
                              hint=f"Check that the OpenAI-compatible server at {options.base_url} is running and "
