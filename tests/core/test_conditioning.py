@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from flowfactory.errors import FlowFactoryError
+from flowfactory.prompts import texts
 from flowfactory.testing.toy import ToyPolicy
 from flowfactory.train.conditioning import FORMAT, ConditioningCache
 
@@ -25,7 +26,7 @@ class Counting(ToyPolicy):
         self.calls: list[list[str]] = []
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        self.calls.append(list(prompts))
+        self.calls.append(texts(prompts))
         return super().encode(prompts)
 
 

@@ -161,10 +161,10 @@ def count_prompts(cfg: Any, source: str) -> int:
     from flowfactory.train.data import load_prompts
 
     base = config_dir(source)
-    prompts = set(load_prompts(cfg.data.train, base, "data.train"))
+    prompts = {p.key for p in load_prompts(cfg.data.train, base, "data.train")}
     t = cfg.train
     if cfg.data.eval is not None and t.eval_every > 0:
-        prompts |= set(load_prompts(cfg.data.eval, base, "data.eval")[:t.eval_prompts])
+        prompts |= {p.key for p in load_prompts(cfg.data.eval, base, "data.eval")[:t.eval_prompts]}
     return min(len(prompts), CACHE_CAPACITY)
 
 

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
+
+    from flowfactory.prompts import Prompt
 
 Conditioning = dict  # dict[str, torch.Tensor], every value batch-first
 
@@ -77,6 +81,9 @@ class Samples:
 
     images: [B, C, H, W] float in [0, 1] for image models; videos: [B, T, C, H, W] in [0, 1] for video
     models (exactly one of the two is set). group_ids: [B] ints, rows with equal ids share a prompt.
+    prompts: each row's prompt text. inputs: each row's prompt record (`flowfactory.prompts.Prompt`: input images
+    via `inputs[i].load_images()`, `targets`, `metadata`) when the samples come from the loop; metadata: each
+    row's record metadata (the extra fields of its .jsonl line). Build from records with `Samples.of`.
     """
 
     prompts: list[str]
@@ -84,9 +91,20 @@ class Samples:
     videos: torch.Tensor | None = None
     group_ids: list[int] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
+    inputs: list[Prompt] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @classmethod
+    def of(cls, prompts: Sequence[str | Prompt], *, group_ids: Sequence[int] = (), images: torch.Tensor | None = None,
+           videos: torch.Tensor | None = None) -> Samples:
+        """Samples of prompt records (or plain strings): texts, records and their metadata filled in."""
+        from flowfactory.prompts import as_prompts
+
+        records = as_prompts(prompts)
+        return cls(prompts=[r.text for r in records], images=images, videos=videos, group_ids=list(group_ids),
+                   metadata=[dict(r.metadata) for r in records], inputs=records)
 
 
 @runtime_checkable
@@ -101,8 +119,10 @@ class Policy(Protocol):
     fsdp_block_classes: tuple[type, ...]  # the transformer block classes FSDP wraps
     latent_shape: tuple[int, ...]  # per-sample shape of x as the sampler sees it (packed for FLUX)
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """Frozen text conditioning for `prompts` (no grad), batch-first tensors."""
+    def encode(self, prompts: list[Prompt]) -> Conditioning:
+        """Frozen conditioning for prompt records (no grad), batch-first tensors, each row depending only on its
+        own record: the text, and the input images of an image-conditioned model (`Prompt.load_images()`).
+        Callers may pass plain strings; `flowfactory.prompts.texts(prompts)` gives the texts of either."""
 
     def noise(self, generators: list[torch.Generator]) -> torch.Tensor:
         """Initial noise [len(generators), *latent_shape], one generator per sample."""
@@ -221,7 +241,7 @@ class TrainBatch:
     sample_keys: tuple[tuple[int, ...], ...] | None = None
     group_ids: torch.Tensor | None = None  # [B] int64
     rewards: torch.Tensor | None = None  # [B] float32
-    prompts: list[str] | None = None  # [B], each row's prompt
+    prompts: list[Prompt] | None = None  # [B], each row's prompt record
 
     def pass_key(self) -> tuple[int, ...]:
         """A key every row of this pass shares: the rows' keys without their last (per-sample) part, i.e.

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flowfactory.prompts import Prompt, texts
 from flowfactory.types import Conditioning
 
 
@@ -55,9 +56,9 @@ class ToyPolicy:
         self._reference: nn.Module | None = None
         self._frozen = copy.deepcopy(self.net).requires_grad_(False)
 
-    def encode(self, prompts: list[str]) -> Conditioning:
+    def encode(self, prompts: list[Prompt]) -> Conditioning:
         rows = []
-        for p in prompts:
+        for p in texts(prompts):
             idx = torch.tensor([min(ord(c), 127) for c in p] or [0])
             rows.append(self.char_table[idx].mean(0))
         return {"text": torch.stack(rows).to(self.device)}

@@ -1,5 +1,11 @@
-"""Prompt sets: a .txt file (one prompt a line, '#' comments), a .jsonl file ({"prompt": ...} per line), or
-a built-in set shipped with flowfactory (`colours`, `colours-eval`, `red-blue`, `red-blue-eval`)."""
+"""Prompt sets: a .txt file (one prompt a line, '#' comments), a .jsonl file (one JSON object a line), or a
+built-in set shipped with flowfactory (`colours`, `colours-eval`, `red-blue`, `red-blue-eval`).
+
+A .jsonl line is one prompt record (`flowfactory.prompts.Prompt`): `"prompt"` (the text, required), `"image"`
+(one input image) or `"images"` (a list, in the order the model takes them), target images `"target"`,
+`"chosen"`, `"rejected"` (for dataset algorithms), and any other fields, kept as the record's metadata. Image
+paths are relative to the .jsonl file (or absolute); each must be a readable image, checked when the set loads
+(so at `ff validate`), with an error naming the file, the line and the path."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from flowfactory.errors import FlowFactoryError
+from flowfactory.prompts import INPUT_FIELDS, TARGET_FIELDS, Prompt, check_image
 
 
 def builtin_sets() -> list[str]:
@@ -27,17 +34,18 @@ def resolve(spec: str, base_dir: str | Path | None = None) -> Path | str:
     return p
 
 
-def load_prompts(spec: str, base_dir: str | Path | None = None, key: str = "data.train") -> list[str]:
+def load_prompts(spec: str, base_dir: str | Path | None = None, key: str = "data.train") -> list[Prompt]:
+    """The prompt records of a set, in file order."""
     src = resolve(spec, base_dir)
     if isinstance(src, str):
         text = resources.files("flowfactory.data").joinpath(f"{src}.txt").read_text()
-        return _parse_txt(text)
+        return [Prompt(t) for t in _parse_txt(text)]
     if not src.is_file():
         raise FlowFactoryError(
             f"{key}: {spec!r} is neither a prompt file nor a built-in set (built-ins: {', '.join(builtin_sets())}). "
             "Give a .txt file with one prompt per line or a .jsonl file with a 'prompt' per line.")
     text = _read_text(src, key)
-    prompts = _parse_jsonl(text, src, key) if src.suffix == ".jsonl" else _parse_txt(text)
+    prompts = _parse_jsonl(text, src, key) if src.suffix == ".jsonl" else [Prompt(t) for t in _parse_txt(text)]
     if not prompts:
         raise FlowFactoryError(f"{key}: {src} holds no prompts")
     return prompts
@@ -65,14 +73,44 @@ def _parse_txt(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def _parse_jsonl(text: str, path: Path, key: str) -> list[str]:
+def _parse_jsonl(text: str, path: Path, key: str) -> list[Prompt]:
     out = []
     for i, ln in enumerate(text.splitlines(), 1):
         if not ln.strip():
             continue
+        where = f"{key}: {path}:{i}"
         try:
             obj = json.loads(ln)
-            out.append(str(obj["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise FlowFactoryError(f"{key}: {path}:{i}: each line must be a JSON object with a 'prompt' ({exc})") from exc
+        except json.JSONDecodeError as exc:
+            raise FlowFactoryError(f"{where}: not JSON ({exc}); each line must be one JSON object with a 'prompt'") \
+                from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise FlowFactoryError(f"{where}: each line must be a JSON object with a 'prompt' string, e.g. "
+                                   '{"prompt": "a red square"} or {"prompt": "make it blue", "image": "src/1.png"}')
+        if "image" in obj and "images" in obj:
+            raise FlowFactoryError(f"{where}: give either 'image' (one path) or 'images' (a list), not both")
+        inputs = obj.get("images", [obj["image"]] if "image" in obj else [])
+        if not isinstance(inputs, list) or not all(isinstance(p, str) for p in inputs):
+            raise FlowFactoryError(f"{where}: 'images' must be a list of paths (strings), got {inputs!r}")
+        for name in TARGET_FIELDS:
+            if name in obj and not isinstance(obj[name], str):
+                raise FlowFactoryError(f"{where}: {name!r} must be an image path (a string), got {obj[name]!r}")
+        images = [_image_path(p, path, where, "image") for p in inputs]
+        targets = {name: _image_path(obj[name], path, where, name) for name in TARGET_FIELDS if name in obj}
+        metadata = {k: v for k, v in obj.items() if k not in ("prompt", *INPUT_FIELDS, *TARGET_FIELDS)}
+        try:
+            out.append(Prompt(obj["prompt"], images=images, targets=targets, metadata=metadata))
+        except OSError as exc:
+            raise FlowFactoryError(f"{where}: cannot read {exc.filename}: {exc.strerror}") from None
     return out
+
+
+def _image_path(spec: str, data_file: Path, where: str, field: str) -> Path:
+    """`spec` resolved against the data file's folder, checked to be a readable image."""
+    p = Path(spec).expanduser()
+    p = p if p.is_absolute() else data_file.parent / p
+    problem = check_image(p)
+    if problem is not None:
+        raise FlowFactoryError(f"{where}: {field} {spec!r} ({p}): {problem}; paths are relative to {data_file.name}'s "
+                               f"folder")
+    return p.resolve()

@@ -36,6 +36,7 @@ import torch
 
 from flowfactory.config import RunConfig, config_dir, sampler_mismatch, split_problems
 from flowfactory.errors import FlowFactoryError, NonFiniteError, RewardError, RunInterrupted
+from flowfactory.prompts import Prompt
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: its old import path)
 from flowfactory.train import checkpoint as ckpt
@@ -73,7 +74,7 @@ class RunSummary:
 class Rollouts:
     """One process's share of an epoch: its prompts, their keys and groups, what was sampled and decoded."""
 
-    prompts: list[str]
+    prompts: list[Prompt]
     keys: list[tuple[int, ...]]
     group_ids: list[int]
     trajectory: Trajectory
@@ -421,7 +422,7 @@ class Recipe:
         grid = None
         if self.main and t.sample_every and (epoch % t.sample_every == 0 or epoch == t.epochs):
             first = [i for i in range(self.n_local) if i % t.group_size == 0][:16]
-            grid = (roll.media[first].cpu(), [f"{prompts[i]} | {float(total[i]):.3f}" for i in first])
+            grid = (roll.media[first].cpu(), [f"{prompts[i].text} | {float(total[i]):.3f}" for i in first])
         roll.media = None
         gathered = {k: self.accelerator.gather(v.to(self.device)).cpu() for k, v in per_reward.items()}
         adv_all, reward_all = compute_advantages(gathered, self.rewards.weights, group_ids, std=self.t.adv_std,
@@ -477,7 +478,7 @@ class Recipe:
         per_reward, total = scorer.result()
         return roll, per_reward, total
 
-    def epoch_prompts(self, epoch: int) -> tuple[list[str], range, torch.Tensor]:
+    def epoch_prompts(self, epoch: int) -> tuple[list[Prompt], range, torch.Tensor]:
         """P distinct prompts drawn from (seed, epoch), K rollouts each; this process takes a contiguous slice.
         Returns its prompts, its global sample indices and every sample's group id."""
         t = self.t
@@ -488,7 +489,7 @@ class Recipe:
         local = range(self.rank * self.n_local, (self.rank + 1) * self.n_local)
         return [self.train_prompts[chosen[int(group_ids[i])]] for i in local], local, group_ids
 
-    def rollout(self, prompts: list[str], keys: list[tuple[int, ...]], group_ids: list[int], *,
+    def rollout(self, prompts: list[Prompt], keys: list[tuple[int, ...]], group_ids: list[int], *,
                 deterministic: bool, keep: str, epoch: int, scorer: ChunkScorer | None = None) -> Rollouts:
         """One sample per prompt under no grad, in chunks of `rollout_batch_size`, decoded; each decoded chunk
         goes to `scorer` at once, and a scoring call that already failed ends the rollout early."""
@@ -510,7 +511,7 @@ class Recipe:
         return Rollouts(prompts=prompts, keys=keys, group_ids=group_ids, trajectory=cat_trajectories(trajs),
                         cond=cond, media=torch.cat(decoded))
 
-    def scorer(self, prompts: list[str], group_ids: list[int]) -> ChunkScorer:
+    def scorer(self, prompts: list[Prompt], group_ids: list[int]) -> ChunkScorer:
         """Scores this process's samples as the rollout decodes them, in chunks of whole groups (the rollout batch
         rounded up to a multiple of the group size), overlapped with sampling unless `train.overlap_rewards` is
         off; the chunks, hence the scores, are the same either way. Checked before any update."""
@@ -651,8 +652,8 @@ class Recipe:
                     roll = self.rollout(prompts, [(EVAL_KEY, i) for i in mine], [], deterministic=True,
                                         keep="final", epoch=epoch)
                 # each eval prompt is sampled once: its own group (a groupwise reward sees groups of one)
-                per_reward, total = self.eval_rewards.score(Samples(prompts=prompts[:n_real], group_ids=mine[:n_real],
-                                                               **_media(roll.media[:n_real])))
+                per_reward, total = self.eval_rewards.score(Samples.of(prompts[:n_real], group_ids=mine[:n_real],
+                                                                  **_media(roll.media[:n_real])))
                 scores[:n_real] = torch.stack([total, *per_reward.values()], 1).to(scores)
                 media = roll.media[:n_real].cpu() if self.main else None
                 roll = None
@@ -662,7 +663,7 @@ class Recipe:
         allscores = self.accelerator.gather(scores)
         allscores = allscores[~allscores[:, 0].isnan()].cpu()
         if media is not None:
-            save_grid(media, [prompts_all[i] for i in mine[:n_real]], self.out / "samples" / f"eval-{epoch:06d}.png")
+            save_grid(media, [prompts_all[i].text for i in mine[:n_real]], self.out / "samples" / f"eval-{epoch:06d}.png")
         row = {"eval/reward/mean": float(allscores[:, 0].mean())}
         for j, name in enumerate(self.eval_rewards.names, 1):
             row[f"eval/reward/{name}/mean"] = float(allscores[:, j].mean())

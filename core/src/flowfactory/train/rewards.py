@@ -41,7 +41,8 @@ def score_one(reward: Any, samples: Samples, name: str = "reward") -> torch.Tens
         frames = replace(samples, videos=None, images=v.flatten(0, 1),
                          prompts=[p for p in samples.prompts for _ in range(f)],
                          group_ids=[g for g in samples.group_ids for _ in range(f)],
-                         metadata=[m for m in samples.metadata for _ in range(f)])
+                         metadata=[m for m in samples.metadata for _ in range(f)],
+                         inputs=[r for r in samples.inputs for _ in range(f)])
         return score_one(reward, frames, name).view(b, f).mean(1)
     return check_scores(name, reward.score(samples), len(samples))
 
@@ -125,7 +126,7 @@ class ChunkScorer:
     and returns the scores of all rows in order, or raises the first call's error.
     """
 
-    def __init__(self, rewards: RewardSet, prompts: list[str], group_ids: list[int], chunk: int, *,
+    def __init__(self, rewards: RewardSet, prompts: list[Any], group_ids: list[int], chunk: int, *,
                  overlap: bool, samples: Any = None):
         self.rewards, self.prompts, self.group_ids = rewards, prompts, group_ids
         self.chunk = max(1, chunk)
@@ -147,7 +148,7 @@ class ChunkScorer:
         if self.make_samples is not None:
             return self.make_samples(self.prompts[lo:hi], self.group_ids[lo:hi], media)
         key = "videos" if media.ndim == 5 else "images"
-        return Samples(prompts=self.prompts[lo:hi], group_ids=self.group_ids[lo:hi], **{key: media})
+        return Samples.of(self.prompts[lo:hi], group_ids=self.group_ids[lo:hi], **{key: media})
 
     def add(self, media: torch.Tensor) -> None:
         """The next decoded rows, in order; complete chunks are sent for scoring."""

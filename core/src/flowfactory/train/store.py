@@ -8,8 +8,9 @@ file per process under `<run>/rollouts/<epoch>/rows-<first>-<end>.safetensors` (
               trajectory.latents [B, S+1, *latent] and trajectory.log_probs [B, S] f32 (when the algorithm
               kept them), media [B, C, H, W] or [B, T, C, H, W] (decoded samples, uint8 or float32),
               reward.<name> [B] f32 (each reward's scores)
-    metadata  "flowfactory.rollouts": JSON {"format": 1, "epoch", "prompts", "keys", "group_ids",
-              "rewards": [names], "media": "uint8" | "float32"}
+    metadata  "flowfactory.rollouts": JSON {"format": 1, "epoch", "prompts" (texts), "keys", "group_ids",
+              "rewards": [names], "media": "uint8" | "float32", and "records" (each row's prompt record:
+              prompt, images, digests, targets, metadata; `Prompt.to_json`) when any row has more than text}
 
 A run with `data.replay: <folder>` (another run's folder or its rollouts/ folder) reads epoch e's rows instead
 of sampling epoch e: the prompts, trajectories and rewards come from the store (the rows of this process's
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from flowfactory.errors import FlowFactoryError
+from flowfactory.prompts import Prompt, as_prompts
 from flowfactory.types import Trajectory
 
 FORMAT = 1
@@ -39,7 +41,7 @@ META_KEY = "flowfactory.rollouts"
 
 @dataclass
 class StoredRows:
-    prompts: list[str]
+    prompts: list[Prompt]
     keys: list[tuple[int, ...]]
     group_ids: list[int]
     trajectory: Trajectory
@@ -51,13 +53,14 @@ def epoch_dir(root: Path, epoch: int) -> Path:
     return root / f"{epoch:06d}"
 
 
-def save_rows(root: Path, epoch: int, start: int, prompts: list[str], keys: list[tuple[int, ...]],
+def save_rows(root: Path, epoch: int, start: int, prompts: list[str | Prompt], keys: list[tuple[int, ...]],
               group_ids: list[int], trajectory: Trajectory, media: torch.Tensor | None,
               rewards: dict[str, torch.Tensor], media_format: str = "uint8") -> Path:
     """Write one process's rows [start, start + B) of `epoch`: a temporary file, flushed, then renamed."""
     from safetensors.torch import save_file
 
     n = len(prompts)
+    records = as_prompts(prompts)
     tensors: dict[str, torch.Tensor] = {
         "trajectory.sigmas": trajectory.sigmas.detach().float().cpu(),
         "trajectory.stochastic": trajectory.stochastic.detach().to(torch.uint8).cpu(),
@@ -72,8 +75,11 @@ def save_rows(root: Path, epoch: int, start: int, prompts: list[str], keys: list
         tensors["media"] = (m * 255).round().to(torch.uint8) if media_format == "uint8" else m
     for name, scores in rewards.items():
         tensors[f"reward.{name}"] = scores.detach().float().cpu()
-    meta = {"format": FORMAT, "epoch": epoch, "prompts": prompts, "keys": [list(k) for k in keys],
-            "group_ids": [int(g) for g in group_ids], "rewards": list(rewards), "media": media_format}
+    meta: dict[str, Any] = {"format": FORMAT, "epoch": epoch, "prompts": [r.text for r in records],
+                            "keys": [list(k) for k in keys], "group_ids": [int(g) for g in group_ids],
+                            "rewards": list(rewards), "media": media_format}
+    if any(r.images or r.targets or r.metadata for r in records):
+        meta["records"] = [r.to_json() for r in records]
     folder = epoch_dir(root, epoch)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"rows-{start:08d}-{start + n:08d}.safetensors"
@@ -144,7 +150,8 @@ def load_rows(root: Path, epoch: int, rows: range, device: Any = None) -> Stored
     if media is not None and media.dtype == torch.uint8:
         media = media.float() / 255
     pick = [(c["meta"], c["sel"]) for c in chunks]
-    prompts = [p for meta, sel in pick for p in meta["prompts"][sel]]
+    prompts = [Prompt.from_json(r) for meta, sel in pick
+               for r in (meta["records"] if "records" in meta else [{"prompt": t} for t in meta["prompts"]])[sel]]
     keys = [tuple(k) for meta, sel in pick for k in meta["keys"][sel]]
     group_ids = [int(g) for meta, sel in pick for g in meta["group_ids"][sel]]
     rewards = {n: torch.cat([c["tensors"][f"reward.{n}"] for c in chunks]) for n in names}

@@ -126,8 +126,7 @@ class Draft(OptimizerHooks):
         assert self.rewards is not None and batch.prompts is not None
         n = media.shape[0]
         groups = [int(g) for g in batch.group_ids.tolist()] if batch.group_ids is not None else list(range(n))
-        samples = Samples(prompts=list(batch.prompts), group_ids=groups,
-                          **{("videos" if media.ndim == 5 else "images"): media})
+        samples = Samples.of(batch.prompts, group_ids=groups, **{("videos" if media.ndim == 5 else "images"): media})
         total = torch.zeros(n, device=media.device, dtype=torch.float32)
         per: dict[str, torch.Tensor] = {}
         for name, reward, weight in self.rewards:

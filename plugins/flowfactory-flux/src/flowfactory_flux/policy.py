@@ -15,6 +15,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
 from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
+from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
@@ -81,11 +82,11 @@ class FluxPolicy(DiffusersPolicyBase):
     # -- Policy protocol -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Conditioning:
+    def encode(self, prompts: list[Prompt]) -> Conditioning:
         """T5 sequence embeddings [B, T, D] and CLIP pooled embeddings [B, P], as FluxPipeline.encode_prompt."""
         with self.text_encoders():
             prompt_embeds, pooled, _ = self.pipe.encode_prompt(
-                prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
+                prompt=texts(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
     def noise(self, generators: list[torch.Generator]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
 
 from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
+from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
@@ -105,11 +106,11 @@ class QwenImagePolicy(DiffusersPolicyBase):
         return embeds, mask
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Conditioning:
+    def encode(self, prompts: list[Prompt]) -> Conditioning:
         """Qwen2.5-VL last hidden states of the templated prompt, system prefix dropped, [B, L, D] with its
         mask [B, L]; with true CFG also the negative prompt's, one row per prompt."""
         with self.text_encoders():
-            embeds, mask = self._encode(prompts)
+            embeds, mask = self._encode(texts(prompts))
             cond = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
             if self.do_cfg:
                 neg, neg_mask = self._encode([self.negative_prompt] * len(prompts))

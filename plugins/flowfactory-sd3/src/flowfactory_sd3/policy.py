@@ -15,6 +15,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import r
 
 from flowfactory.errors import FlowFactoryError
 from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
+from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
@@ -89,12 +90,12 @@ class SD3Policy(DiffusersPolicyBase):
     # -- Policy protocol -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Conditioning:
+    def encode(self, prompts: list[Prompt]) -> Conditioning:
         """`StableDiffusion3Pipeline.encode_prompt`: CLIP-L/G hidden states (padded) + T5 sequence [B, T, D] and
         both CLIP projections [B, P]; with CFG also the negative prompt's, one row per prompt."""
         with self.text_encoders():
             embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+                prompt=texts(prompts), prompt_2=None, prompt_3=None, device=self.device,
                 do_classifier_free_guidance=self.do_cfg, negative_prompt=self.negative_prompt,
                 max_sequence_length=self.max_sequence_length)
         cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}

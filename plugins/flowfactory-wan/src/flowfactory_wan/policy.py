@@ -27,6 +27,7 @@ from flowfactory.policies.diffusers import (
     training_kwargs,
     write_notes,
 )
+from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
@@ -187,12 +188,12 @@ class WanPolicy(DiffusersPolicyBase):
     # -- Policy protocol -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Conditioning:
+    def encode(self, prompts: list[Prompt]) -> Conditioning:
         """`WanPipeline.encode_prompt`: UMT5 states [B, L, D], zero past each prompt's tokens; with CFG also the
         negative prompt's, one row per prompt."""
         with self.text_encoders():
             embeds, neg = self.pipe.encode_prompt(
-                prompt=list(prompts), negative_prompt=self.negative_prompt, do_classifier_free_guidance=self.do_cfg,
+                prompt=texts(prompts), negative_prompt=self.negative_prompt, do_classifier_free_guidance=self.do_cfg,
                 max_sequence_length=self.max_sequence_length, device=self.device)
         cond = {"prompt_embeds": embeds}
         if self.do_cfg:
