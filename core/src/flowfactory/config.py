@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flowfactory.errors import ConfigError, FlowFactoryError, UnknownComponentError
 from flowfactory.registry import BuildContext
+from flowfactory.types import OptimizerHooks
 
 # Mark a component option that names a local folder or a hub id with `json_schema_extra=PATH_OR_HUB_ID`: a
 # relative path is then resolved like the data files (the config's folder first, then the working directory),
@@ -54,7 +55,9 @@ class RewardConfig(ComponentConfig):
 
 
 class DataConfig(_Strict):
-    train: str = Field("colours", description="Prompt file (.txt, one per line; .jsonl with 'prompt') or a built-in set.")
+    train: str = Field("colours", description=(
+        "Prompt file (.txt, one per line; .jsonl, one record per line: 'prompt', input 'image'/'images', target "
+        "images, metadata) or a built-in set."))
     eval: str | None = Field("colours-eval", description="Held-out prompts, same forms; null disables eval.")
     replay: str | None = Field(
         None, description="Train on another run's stored rollouts (its folder, or its rollouts/ folder; written with "
@@ -403,13 +406,16 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
 
 
 def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str, str] | None:
-    """(location, message) when the sampler cannot serve the algorithm: the algorithm needs log-probabilities
-    the sampler cannot give, or its optional `check_sampler(sampler) -> str | None` names a problem."""
-    need = getattr(algorithm, "requirements", None)
-    if need is not None and need.stochastic and not getattr(sampler, "stochastic", True):
-        return ("sampler.name", f"optimizer {cfg.optimizer.name!r} needs a stochastic sampler with log-probabilities, "
-                                f"but {cfg.sampler.name!r} is deterministic; use e.g. `flow-sde`")
-    if need is not None and getattr(need, "whole_groups", False):
+    """(location, message) when the algorithm cannot run here: it does not subclass `OptimizerHooks`, its
+    `sampler_problem(sampler)` names a problem (the one sampler check), or it needs whole groups in every
+    micro-batch and optimizer step that these batch sizes cannot give."""
+    if not isinstance(algorithm, OptimizerHooks):
+        return ("optimizer.name", f"optimizer {cfg.optimizer.name!r} builds a {type(algorithm).__name__}, which does "
+                                  "not subclass flowfactory.types.OptimizerHooks; every algorithm must (update its package)")
+    problem = algorithm.sampler_problem(sampler, repr(cfg.sampler.name))
+    if problem:
+        return ("sampler.name", f"optimizer {cfg.optimizer.name!r} {problem}")
+    if algorithm.requirements.whole_groups:
         t = cfg.train
         if t.micro_batch_size % t.group_size:
             return ("train.micro_batch_size", f"optimizer {cfg.optimizer.name!r} compares rollouts within a group, "
@@ -419,10 +425,6 @@ def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str,
             return ("train.steps_per_epoch", f"optimizer {cfg.optimizer.name!r} needs whole groups in every "
                                              f"optimizer step: prompts_per_epoch ({t.prompts_per_epoch}) per process "
                                              f"must split evenly into {t.steps_per_epoch} steps")
-    check = getattr(algorithm, "check_sampler", None)
-    problem = check(sampler) if callable(check) else None
-    if problem:
-        return ("sampler.name", f"optimizer {cfg.optimizer.name!r} cannot use sampler {cfg.sampler.name!r}: {problem}")
     return None
 
 
