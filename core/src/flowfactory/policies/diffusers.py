@@ -45,12 +45,13 @@ class PipelineSource:
     policy: str = "diffusers"  # the policy name, for errors
     deferred: dict[str, tuple[str, str]] = field(default_factory=dict)  # component -> (library, class), unloaded
 
-    def fingerprint(self) -> dict[str, Any]:
-        """The model, its revision, the text encoders' and tokenizers' classes and files: small files (configs,
-        vocabularies) by content hash, weights by size, mtime and the name a symlink points to (the hub's blob
-        names are content hashes), so a re-saved or updated encoder gets a new fingerprint."""
+    def fingerprint(self, components: Sequence[str] = ()) -> dict[str, Any]:
+        """The model, its revision, the text encoders' and tokenizers' classes and files (and those of the other
+        `components` encode reads, e.g. the VAE of an editing model): small files (configs, vocabularies) by
+        content hash, weights by size, mtime and the name a symlink points to (the hub's blob names are content
+        hashes), so a re-saved or updated encoder gets a new fingerprint."""
         index = json.loads((self.folder / "model_index.json").read_text())
-        parts = sorted(n for n in index if n.startswith((TEXT_ENCODER, "tokenizer")))
+        parts = sorted(n for n in index if n.startswith((TEXT_ENCODER, "tokenizer")) or n in components)
         files = []
         for name in parts:
             for f in sorted((self.folder / name).rglob("*")) if (self.folder / name).is_dir() else []:
@@ -112,6 +113,9 @@ class DiffusersPolicyBase:
     lora_target_hint: ClassVar[str] = ""
     # attributes whose values change what `encode` returns; they enter `conditioning_fingerprint`
     encode_options: ClassVar[tuple[str, ...]] = ("max_sequence_length",)
+    # pipeline components besides the text encoders and tokenizers that `encode` runs (an editing model's VAE,
+    # which encodes the input image); their weights enter `conditioning_fingerprint` too
+    encode_components: ClassVar[tuple[str, ...]] = ()
 
     pipe: Any
     vae: nn.Module
@@ -250,11 +254,11 @@ class DiffusersPolicyBase:
 
     def conditioning_fingerprint(self) -> str | None:
         """sha256 of everything that decides `encode`'s output: the policy class and the versions of its code,
-        the text encoders and tokenizers (their files for a `model`, their weights and vocabularies for an
-        in-memory pipeline such as the tiny preset), their dtype, the device type and every attribute named in
-        `encode_options` (sequence length, negative prompt, CFG). A changed option gives new cache keys, so an
-        on-disk conditioning cache is never read for the wrong model or settings. Deferred encoders stay
-        unloaded."""
+        the text encoders and tokenizers and the `encode_components` (their files for a `model`, their weights and
+        vocabularies for an in-memory pipeline such as the tiny preset), their dtype, the device type and every
+        attribute named in `encode_options` (sequence length, negative prompt, CFG, an input image's size). A
+        changed option gives new cache keys, so an on-disk conditioning cache is never read for the wrong model or
+        settings. Deferred encoders stay unloaded."""
         import diffusers
         import transformers
 
@@ -267,9 +271,11 @@ class DiffusersPolicyBase:
             "options": {n: getattr(self, n) for n in self.encode_options},
         }
         if self.source is not None:
-            ident["source"] = self.source.fingerprint()
+            ident["source"] = self.source.fingerprint(self.encode_components)
         else:  # built in memory (the tiny preset): the modules themselves
             ident["modules"] = {n: [type(m).__name__, _module_digest(m)] for n, m in self.text_encoder_modules().items()}
+            ident["modules"].update({n: [type(m).__name__, _module_digest(m)]
+                                     for n in self.encode_components if (m := self.pipe.components.get(n)) is not None})
             ident["tokenizers"] = {n: _tokenizer_digest(t) for n, t in self.pipe.components.items()
                                    if n.startswith("tokenizer") and t is not None}
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
@@ -362,9 +368,10 @@ class DiffusersPolicyBase:
             self._in_reference = False
 
     def _save_with_notes(self, directory: str, pipeline_cls: type, transformer_cls: type, policy: str,
-                         info: dict[str, Any], call_args: str) -> None:
+                         info: dict[str, Any], call_args: str, inputs: str = "prompt") -> None:
         """Save the weights (`_save_weights`) and beside them `flowfactory.json` (`info` plus policy, kind and
-        base) and a README with the diffusers code that loads them; `call_args` follow `pipe(prompt, `."""
+        base) and a README with the diffusers code that loads them; the README calls `pipe(<inputs>, <call_args>)`
+        (`inputs`: "prompt", or e.g. "image=source, prompt=prompt" for an editing pipeline)."""
         out = Path(directory)
         kind = self._save_weights(out, pipeline_cls)
         pipe_name, tr_name = pipeline_cls.__name__, transformer_cls.__name__
@@ -379,7 +386,7 @@ class DiffusersPolicyBase:
                           "base": self.pipe.config.get("_name_or_path") or None},
                     f"# flowfactory {policy} policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE "
                     f"being the base {pipe_name} (hub id or folder):\n\n```python\nimport torch\n"
-                    f"from diffusers import {imports}\n{load}\nimage = pipe(prompt, {call_args}).images[0]\n```\n")
+                    f"from diffusers import {imports}\n{load}\nimage = pipe({inputs}, {call_args}).images[0]\n```\n")
 
     def _save_weights(self, out: Path, pipeline_cls: type) -> str:
         """LoRA: `pipeline_cls.save_lora_weights` into `out`; full: `out/transformer`. Returns "lora" or "full"."""

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from flowfactory.errors import FlowFactoryError
+from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import Registry
 from flowfactory.samplers.flow import ODESampler
 from flowfactory.testing.contracts import _ComponentContract, make_generators
@@ -125,10 +126,14 @@ class DiffusersPolicyContract(_ComponentContract):
       latent_dtype       the latents' dtype with a bfloat16 base (default None: bfloat16 too)
       readme             the plugin's README.md: its yaml configs validate, its option table is complete
       entry_module       the entry-point module (default: the package name with "_" for "-")
-      prompts, seed      the batch's prompts and the build seed; parity_atol the tolerance of "equal" outputs
+      prompts, seed      the batch's prompts and the build seed; parity_atol the tolerance of "equal" outputs.
+                         `prompts` may be `flowfactory.prompts.Prompt` records with input images (an editing
+                         model): records need their image files, so set `cls.prompts` in a class-scoped
+                         classmethod fixture, and pass the images to the pipeline in `stock_inputs`
       encode_option_changes  options that change what `encode` returns, so each must change the conditioning
                          fingerprint (default: a shorter max_sequence_length, bfloat16; `cfg_options` are added)
     Hooks to override: `stock_pipeline(folder, policy)` (load the stock pipeline as the policy's equal),
+    `stock_inputs(policy)` (the pipeline `__call__` kwargs carrying the prompts' input images),
     `as_module(policy, transformer)` (what `policy.module` is to run a bare transformer),
     `frozen_parts(policy)` (the modules that must never train: text encoders and VAE).
     The options and LoRA options models are the registered ones (`spec.options` and its `lora` field's model).
@@ -149,7 +154,7 @@ class DiffusersPolicyContract(_ComponentContract):
     latent_dtype: ClassVar[torch.dtype | None] = None
     readme: ClassVar[Path | None] = None
     entry_module: ClassVar[str | None] = None
-    prompts: ClassVar[tuple[str, ...]] = ("a red square", "a blue circle")
+    prompts: ClassVar[tuple[str | Prompt, ...]] = ("a red square", "a blue circle")
     parity_atol: ClassVar[float] = 1e-4  # |ours - stock pipeline's|, and the least change counted as "different"
     encode_option_changes: ClassVar[Sequence[Mapping[str, Any]]] = ({"max_sequence_length": 12}, {"dtype": "bfloat16"})
 
@@ -209,10 +214,15 @@ class DiffusersPolicyContract(_ComponentContract):
         extra = self._attr("call_kwargs")
         return dict(extra(policy) if callable(extra) else extra)
 
+    def stock_inputs(self, policy: Any) -> dict[str, Any]:
+        """Pipeline `__call__` kwargs that carry the prompts' input images (e.g. an editing pipeline's `image`, as
+        that pipeline takes them); none for text prompts."""
+        return {}
+
     def stock_call(self, pipe: Any, policy: Any, steps: int, z: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The stock pipeline's output from latents `z` in `steps` steps, as a [0, 1] tensor."""
-        kwargs = {**self.pipeline_kwargs(policy), "output_type": "pt", **kwargs}
-        out = pipe(list(self.prompts), num_inference_steps=steps, latents=z.clone(), **kwargs)
+        kwargs = {**self.pipeline_kwargs(policy), **self.stock_inputs(policy), "output_type": "pt", **kwargs}
+        out = pipe(prompt=texts(self.prompts), num_inference_steps=steps, latents=z.clone(), **kwargs)
         return getattr(out, self.output)
 
     def rollout(self, policy: Any, steps: int, z: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,16 @@
-"""The `flux` policy's memory plan (`ff plan`): its modules on the meta device, latents and conditioning shapes."""
+"""The FLUX.1 policies' memory plans (`ff plan`): their modules on the meta device, latents and conditioning shapes."""
 
 from __future__ import annotations
 
-from diffusers import FluxPipeline
+from collections.abc import Callable
+from typing import Any
+
+from diffusers import FluxKontextPipeline, FluxPipeline
 
 from flowfactory.plan import PolicyPlan, dtype_name
 from flowfactory.policies.plan import meta_modules, plan_parts
 from flowfactory.registry import BuildContext
-from flowfactory_flux import FluxOptions
+from flowfactory_flux import FluxKontextOptions, FluxOptions
 from flowfactory_flux.policy import (
     REAL_MAX_SEQUENCE_LENGTH,
     REAL_SIZE,
@@ -22,7 +25,22 @@ def plan_policy(options: FluxOptions, ctx: BuildContext) -> PolicyPlan:
     transformer's dtype, T5 embeddings [max_sequence_length, d_model] and CLIP's pooled vector per prompt."""
     from flowfactory_flux.tiny import build_tiny_pipeline
 
-    modules, tiny = meta_modules(options, ctx, FluxPipeline, lambda: build_tiny_pipeline(ctx.seed), policy="flux")
+    return _plan(options, ctx, FluxPipeline, lambda: build_tiny_pipeline(ctx.seed), "flux", FluxPolicy)
+
+
+def plan_kontext_policy(options: FluxKontextOptions, ctx: BuildContext) -> PolicyPlan:
+    """`plan_policy` for `build_kontext_policy`: the conditioning also holds each prompt's source latents,
+    packed like the latents ([(h/2)(w/2), 4C]) in the VAE's dtype."""
+    from flowfactory_flux.kontext import SOURCE_KEY, FluxKontextPolicy
+    from flowfactory_flux.tiny import build_tiny_kontext_pipeline
+
+    return _plan(options, ctx, FluxKontextPipeline, lambda: build_tiny_kontext_pipeline(ctx.seed), "flux-kontext",
+                 FluxKontextPolicy, source_key=SOURCE_KEY)
+
+
+def _plan(options: FluxOptions, ctx: BuildContext, pipeline_cls: type, tiny_builder: Callable[[], Any], name: str,
+          policy_cls: type, source_key: str | None = None) -> PolicyPlan:
+    modules, tiny = meta_modules(options, ctx, pipeline_cls, tiny_builder, policy=name)
     size, max_len = (TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH) if tiny else (REAL_SIZE, REAL_MAX_SEQUENCE_LENGTH)
     height, width = options.height or size, options.width or size
     max_len = options.max_sequence_length or max_len
@@ -34,5 +52,7 @@ def plan_policy(options: FluxOptions, ctx: BuildContext) -> PolicyPlan:
     t5, clip = modules["text_encoder_2"], modules["text_encoder"]
     conditioning = {"prompt_embeds": ((max_len, t5.config.d_model), dtype_name(t5.dtype)),
                     "pooled_prompt_embeds": ((clip.config.hidden_size,), dtype_name(clip.dtype))}
-    parts = plan_parts(modules, options, ctx, FluxPolicy)
+    if source_key is not None:
+        conditioning[source_key] = (latent_shape, dtype_name(vae.dtype))
+    parts = plan_parts(modules, options, ctx, policy_cls)
     return PolicyPlan(parts, latent_shape, latent_dtype, (3, height, width), conditioning)

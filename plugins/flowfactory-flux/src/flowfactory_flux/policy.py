@@ -113,11 +113,12 @@ class FluxPolicy(DiffusersPolicyBase):
         prompt_embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
         pooled = cond["pooled_prompt_embeds"].to(device=device, dtype=dtype)
         img_ids, txt_ids = self._position_ids(prompt_embeds.shape[1], device, dtype)
+        hidden, img_ids = self._image_tokens(x.to(dtype), cond, img_ids)
         guidance = (torch.full((b,), self.guidance_scale, device=device, dtype=torch.float32)
                     if self.guidance_embeds else None)
-        out = self._network()(hidden_states=x.to(dtype), timestep=timestep, guidance=guidance, pooled_projections=pooled,
+        out = self._network()(hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
                   encoder_hidden_states=prompt_embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        return out.to(x.dtype)
+        return out[:, :x.shape[1]].to(x.dtype)  # the latents' own tokens (an editing model appended its source's)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Packed latents to images [B, 3, H, W] in [0, 1], float32 (unpack, unscale, VAE decode)."""
@@ -136,6 +137,12 @@ class FluxPolicy(DiffusersPolicyBase):
             f"guidance_scale={self.guidance_scale}")
 
     # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _image_tokens(self, x: torch.Tensor, cond: Conditioning,
+                      img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's image-stream input and its position ids: the packed latents alone for FLUX.1; an
+        image-conditioned variant (Kontext) appends its source image's tokens and their ids."""
+        return x, img_ids
 
     def _position_ids(self, txt_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(img_ids [seq, 3], txt_ids [T, 3]) as FluxPipeline builds them, cached per shape/device/dtype."""

@@ -11,12 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from flowfactory.testing.tokenizers import WORDS, clip_tokenizer, t5_tokenizer
 
-__all__ = ["FLUX_SCHEDULER_CONFIG", "WORDS", "TinyFluxSpec", "build_tiny_pipeline", "clip_tokenizer", "t5_tokenizer"]
+__all__ = ["FLUX_SCHEDULER_CONFIG", "WORDS", "TinyFluxSpec", "build_tiny_kontext_pipeline", "build_tiny_pipeline",
+           "clip_tokenizer", "t5_tokenizer"]
 
 # FLUX.1's scheduler configuration (dynamic, resolution-dependent shift).
 FLUX_SCHEDULER_CONFIG: dict[str, object] = dict(
@@ -99,3 +106,10 @@ def build_tiny_pipeline(seed: int, spec: TinyFluxSpec = TinyFluxSpec()) -> FluxP
     for part in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         part.eval()
     return pipe
+
+
+def build_tiny_kontext_pipeline(seed: int, spec: TinyFluxSpec = TinyFluxSpec()) -> FluxKontextPipeline:
+    """The tiny FLUX of `build_tiny_pipeline(seed, spec)` as a FluxKontextPipeline: Kontext is the FLUX.1
+    transformer reading the source image's tokens beside the latents, so the same components serve (the same
+    weights, so a Kontext policy and a flux policy built from one seed share them)."""
+    return FluxKontextPipeline(**build_tiny_pipeline(seed, spec).components)
