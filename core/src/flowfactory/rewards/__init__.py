@@ -24,6 +24,16 @@ class ColourMatchOptions(BaseModel):
         None, description="Colour used when a prompt names none; null makes that an error.")
 
 
+class EditColourOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    tolerance: float = Field(
+        0.35, gt=0, description="RGB distance (in [0,1] units) between the region's mean colour and the target at "
+                                "which the colour term is 1/2.")
+    keep_weight: float = Field(
+        1.0, ge=0, description="Weight of the penalty for changing the image outside the region: the mean absolute "
+                               "difference (in [0,1] units) from the source, resized to the sample's size.")
+
+
 def _jpeg(sign: float):
     def build(options: JPEGOptions, ctx):
         from flowfactory.rewards.builtin import JPEGSize
@@ -45,6 +55,12 @@ def _colour_match(options: ColourMatchOptions, ctx):
     return ColourMatch(tolerance=options.tolerance, default=options.default)
 
 
+def _edit_colour(options: EditColourOptions, ctx):
+    from flowfactory.rewards.builtin import EditColour
+
+    return EditColour(tolerance=options.tolerance, keep_weight=options.keep_weight)
+
+
 @hookimpl
 def register_rewards(register):
     register("jpeg-compressibility", _jpeg(-1.0), options=JPEGOptions,
@@ -55,3 +71,5 @@ def register_rewards(register):
              summary="Mean luma of the image in [0, 1].")
     register("colour-match", _colour_match, options=ColourMatchOptions,
              summary="Share of the image in the colour the prompt names ('a red square'), in [0, 1].")
+    register("edit-colour", _edit_colour, options=EditColourOptions,
+             summary="Edits: a region (metadata) turned to a target colour, the rest kept as the input image.")

@@ -1,7 +1,7 @@
-"""Weight-free rewards: JPEG size (DDPO), brightness, colour match.
+"""Weight-free rewards: JPEG size (DDPO), brightness, colour match, and for editing models edit colour.
 
-Brightness and colour match are differentiable (`differentiable = True`): with images that require grad they keep
-the graph to their scores (reward back-propagation, `draft`); the numbers are the same either way.
+Brightness, colour match and edit colour are differentiable (`differentiable = True`): with images that require
+grad they keep the graph to their scores (reward back-propagation, `draft`); the numbers are the same either way.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from flowfactory.errors import RewardError
+from flowfactory.prompts import Prompt
 from flowfactory.types import Samples
 
 # sRGB in [0, 1]; British and American spellings.
@@ -32,6 +33,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "grey": (0.5, 0.5, 0.5),
 }
 _WORD = re.compile(r"[a-z]+")
+_HEX = re.compile(r"^#([0-9a-fA-F]{6})$")
 
 LUMA = (0.299, 0.587, 0.114)
 
@@ -127,3 +129,91 @@ class ColourMatch:
         d2 = ((x - targets.view(-1, 3, 1, 1)) ** 2).sum(1)
         share = torch.exp(-np.log(2.0) * d2 / self.tolerance**2)
         return share.mean(dim=(1, 2)).float().cpu()
+
+
+class EditColour:
+    """An edit toward a colour inside a region that keeps the rest of the source image.
+
+    score = exp(-ln2 * (d / tolerance)^2) - keep_weight * change, where d is the RGB distance between the region's
+    mean colour and the target colour, and change the mean absolute difference (over pixels and channels) between
+    the sample and its source outside the region (0 when the region is the whole image). The source is the prompt
+    record's first input image, resized to the sample's size by area averaging. The target and region come from
+    the record's metadata (see `target` and `region`).
+    """
+
+    groupwise = False
+    handles_video = False
+    differentiable = True
+
+    def __init__(self, tolerance: float = 0.35, keep_weight: float = 1.0):
+        self.tolerance = tolerance
+        self.keep_weight = keep_weight
+
+    @staticmethod
+    def target(record: Prompt) -> tuple[float, float, float]:
+        """metadata `colour` (or `color`): a colour name, "#rrggbb", or [r, g, b] in [0, 1]; else the first colour
+        word of the instruction ("make the square red")."""
+        spec = record.metadata.get("colour", record.metadata.get("color"))
+        where = f"edit-colour: the prompt {record.text!r}"
+        if spec is None:
+            name = colour_in(record.text)
+            if name is None:
+                raise RewardError(f"{where} names no target colour: set `colour` in its metadata (a name, "
+                                  f'"#rrggbb" or [r, g, b] in [0, 1]) or name one in the text ({", ".join(COLOURS)})')
+            return COLOURS[name]
+        if isinstance(spec, str):
+            if spec.lower() in COLOURS:
+                return COLOURS[spec.lower()]
+            if (m := _HEX.match(spec)) is not None:
+                v = int(m.group(1), 16)
+                return ((v >> 16 & 255) / 255.0, (v >> 8 & 255) / 255.0, (v & 255) / 255.0)
+        elif (isinstance(spec, (list, tuple)) and len(spec) == 3
+              and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in spec)):
+            return (float(spec[0]), float(spec[1]), float(spec[2]))
+        raise RewardError(f"{where} has colour {spec!r}: give a colour name ({', '.join(COLOURS)}), \"#rrggbb\" or "
+                          f"[r, g, b] with each in [0, 1]")
+
+    @staticmethod
+    def region(record: Prompt, height: int, width: int) -> torch.Tensor:
+        """metadata `region` [x0, y0, x1, y1] in relative coordinates (0..1, x across, y down) as a bool mask
+        [H, W]: the pixels whose centres lie in [x0, x1) x [y0, y1). No `region`: the whole image."""
+        box = record.metadata.get("region")
+        if box is None:
+            return torch.ones(height, width, dtype=torch.bool)
+        ok = (isinstance(box, (list, tuple)) and len(box) == 4
+              and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in box))
+        if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise RewardError(f"edit-colour: the prompt {record.text!r} has region {box!r}: give [x0, y0, x1, y1] "
+                              f"with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (relative to the width and height)")
+        ys = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+        xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+        mask = ((ys >= box[1]) & (ys < box[3]))[:, None] & ((xs >= box[0]) & (xs < box[2]))[None, :]
+        if not bool(mask.any()):
+            raise RewardError(f"edit-colour: the prompt {record.text!r} has region {list(box)}, which holds no pixel "
+                              f"centre of a {width}x{height} sample; make it larger")
+        return mask
+
+    def score(self, samples: Samples) -> torch.Tensor:
+        x = _rgb(_images(samples))
+        if len(samples.inputs) != len(samples):
+            raise RewardError("edit-colour compares each sample with its prompt's input image, but these samples "
+                              "carry no prompt records (Samples.inputs); build them with Samples.of(records, ...)")
+        _, _, h, w = x.shape
+        out = []
+        for img, record in zip(x, samples.inputs, strict=True):
+            if not record.images:
+                raise RewardError(f"edit-colour: the prompt {record.text!r} has no input image to compare its edit "
+                                  f"with; give it one ('image' in its .jsonl line)")
+            target = torch.tensor(self.target(record), dtype=torch.float32, device=x.device)
+            mask = self.region(record, h, w).to(x.device)
+            mean = img[:, mask].mean(dim=1)
+            closeness = torch.exp(-np.log(2.0) * ((mean - target) ** 2).sum() / self.tolerance**2)
+            if bool(mask.all()):
+                out.append(closeness)
+                continue
+            source = record.load_images()[0].to(device=x.device)
+            if tuple(source.shape[1:]) != (h, w):
+                source = torch.nn.functional.interpolate(source[None], size=(h, w), mode="area")[0]
+            change = (img - source)[:, ~mask].abs().mean()
+            out.append(closeness - self.keep_weight * change)
+        return torch.stack(out).float().cpu()
