@@ -150,7 +150,10 @@ class Policy(Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Integrates from noise to data with a policy's velocity."""
+    """Integrates from noise to data with a policy's velocity.
+
+    Optional: `sde_type: ClassVar[str | None]` (None when absent), the SDE its stochastic steps follow (the built-in
+    `flow-sde`, `dance-sde`, `cps`), for an algorithm whose derivation holds for one SDE only (GRPO-Guard)."""
 
     steps: int
 
@@ -287,10 +290,11 @@ class TrainBatch:
 class PolicyOptimizer(Protocol):
     """An RL algorithm: declares what rollouts keep, and computes a micro-batch loss.
 
-    Optional methods, called by the loop when an algorithm defines them (see `OptimizerHooks`):
+    Every algorithm subclasses `OptimizerHooks`, which gives the loop's other calls their defaults:
     `check_sampler(sampler) -> str | None`, `sampling(policy)` (context the epoch's rollouts run in),
     `on_rollout(policy)`, `on_step(policy)`, `on_epoch_end(policy)`, `state_dict()` / `load_state_dict(state)`
-    (checkpointed), `bind_rewards(rewards)` (the run's `RewardSet`, once after it is built).
+    (checkpointed), `bind_rewards(rewards)` (the run's `RewardSet`, once after it is built), and a `setup` that
+    refuses an incompatible sampler.
     """
 
     requirements: Requirements
@@ -305,19 +309,42 @@ class PolicyOptimizer(Protocol):
 
 
 class OptimizerHooks:
-    """No-op defaults of a policy optimizer's optional methods; subclass it and override what you need.
+    """The base class of every policy optimizer (RL algorithm): defaults for the loop's calls besides `units` and
+    `loss`; subclass it and override what you need. The run refuses an algorithm that does not subclass it.
 
     The loop calls them in this order each epoch: `sampling(policy)` wraps the rollout (e.g. DiffusionNFT
     samples with an EMA "old" policy swapped in), `on_rollout(policy)` runs once the rollouts exist and
     before any update, `on_step(policy)` after every optimizer step (e.g. to update an EMA), and
     `on_epoch_end(policy)` after the epoch's last step, before its checkpoint (e.g. a per-epoch EMA update).
     Whatever `state_dict()` returns is saved in checkpoints and given back to `load_state_dict` on `--resume`,
-    so a resumed run equals an uninterrupted one.
+    so a resumed run equals an uninterrupted one. `setup` comes before `load_state_dict` and after the policy is
+    sharded.
     """
 
+    requirements: Requirements  # set by the subclass, as a class attribute or in __init__
+
     def check_sampler(self, sampler: Sampler) -> str | None:
-        """A problem message if this algorithm cannot use `sampler` (reported at `sampler.name`), else None."""
+        """A problem message if this algorithm cannot use `sampler` beyond what `requirements` say (e.g. a needed
+        `sde_type`), else None. Read sampler capabilities (attributes), not sampler classes."""
         return None
+
+    def sampler_problem(self, sampler: Sampler, name: str) -> str | None:
+        """Why this algorithm cannot use `sampler` (called `name` in the message), or None: a stochastic rollout
+        (`requirements.stochastic`) needs a sampler whose `stochastic` capability is true, then `check_sampler`
+        has its say. The one compatibility check: `ff validate`, the loop and the default `setup` all make it."""
+        if self.requirements.stochastic and not sampler.stochastic:
+            return f"needs a stochastic sampler with log-probabilities, but {name} is deterministic; use e.g. `flow-sde`"
+        problem = self.check_sampler(sampler)
+        return None if problem is None else f"cannot use sampler {name}: {problem}"
+
+    def setup(self, policy: Policy, sampler: Sampler) -> None:
+        """Refuses an incompatible sampler (FlowFactoryError at `sampler.name`). An override that builds state
+        from the policy (a snapshot, an EMA) calls `super().setup(policy, sampler)` first."""
+        problem = self.sampler_problem(sampler, type(sampler).__name__)
+        if problem:
+            from flowfactory.errors import FlowFactoryError
+
+            raise FlowFactoryError(f"sampler.name: {type(self).__name__} {problem}")
 
     def sampling(self, policy: Policy) -> AbstractContextManager[None]:
         from contextlib import nullcontext

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class _BaseSampler(ABC):
 
     steps: int
     stochastic: bool = True  # capability: has stochastic steps with log-probs
+    sde_type: ClassVar[str | None] = None  # capability: which SDE its stochastic steps follow (None: unnamed)
 
     def stochastic_mask(self, epoch: int) -> torch.Tensor:
         """[steps] bool: which steps of a rollout at `epoch` are sampled with noise."""
@@ -177,6 +178,8 @@ class FlowSDESampler(SDESampler):
     x_next = mean + std_t sqrt(-dt) eps
     """
 
+    sde_type = "flow-sde"
+
     def __init__(self, options: FlowSDEOptions, seed: int = 0):
         super().__init__(options, seed)
         self.noise_level = options.noise_level
@@ -200,6 +203,8 @@ class DanceSDESampler(SDESampler):
     The log-prob is the full Gaussian density averaged over latent dims. (DanceGRPO's own code ends up with
     only the quadratic term, its constants being on a separate, discarded line; they cancel in GRPO's ratio.)
     """
+
+    sde_type = "dance-sde"
 
     def __init__(self, options: DanceSDEOptions, seed: int = 0):
         super().__init__(options, seed)
@@ -228,6 +233,8 @@ class CPSSampler(SDESampler):
     no constants). Here it is the Gaussian log density averaged over dims, like the other SDE samplers, so
     the log-ratio is 1 / (2 std^2) times Flow-GRPO's; a clip range tuned there does not carry over as is.
     """
+
+    sde_type = "cps"
 
     def __init__(self, options: CPSOptions, seed: int = 0):
         super().__init__(options, seed)

@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from flowfactory.algorithms import clip_advantages
+
 EPS = 1e-4
 
 
@@ -56,6 +58,4 @@ def compute_advantages(
         if combine == "gdpo":
             adv = adv.double()
             adv = ((adv - adv.mean()) / (adv.std(unbiased=False) + EPS)).float()
-    if clip is not None:
-        adv = adv.clamp(-clip, clip)
-    return adv.float(), total
+    return clip_advantages(adv, clip).float(), total
