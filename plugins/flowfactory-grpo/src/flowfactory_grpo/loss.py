@@ -26,36 +26,27 @@ from typing import Any
 
 import torch
 
+from flowfactory.algorithms import ParamSnapshot, clip_advantages, clipped_surrogate
 from flowfactory.errors import FlowFactoryError
-from flowfactory.types import LossOutput, Policy, Requirements, Sampler, TrainBatch
+from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
 
 
-class GRPO:
+class GRPO(OptimizerHooks):
     """The `grpo` policy optimizer (see the module docstring for the objective)."""
 
     def __init__(self, options: Any):
         self.options = options
         # the reference view is used only by the KL term; without it a full finetune needs no frozen copy
         self.requirements = Requirements(keep="steps", stochastic=True, reference=options.kl_beta > 0)
-        self._old_params: list[torch.Tensor] | None = None  # GRPO-Guard: the sampling policy's parameters
+        self._old: ParamSnapshot | None = None  # GRPO-Guard: the sampling policy's parameters
 
     def check_sampler(self, sampler: Sampler) -> str | None:
-        """Why this configuration cannot use `sampler` (GRPO-Guard's flow-sde restriction), or None."""
-        from flowfactory.samplers.flow import FlowSDESampler
-
-        if self.options.guard and not isinstance(sampler, FlowSDESampler):
+        """GRPO-Guard's derivation holds for Flow-GRPO's SDE step only: it needs a sampler whose `sde_type` is
+        `flow-sde` (the base class has already required a stochastic one)."""
+        if self.options.guard and getattr(sampler, "sde_type", None) != "flow-sde":
             return ("`guard: true` (GRPO-Guard) normalises the importance ratio of Flow-GRPO's SDE step and "
                     "needs the `flow-sde` sampler; set `sampler.name: flow-sde` or `optimizer.options.guard: false`")
         return None
-
-    def setup(self, policy: Policy, sampler: Sampler) -> None:
-        if not getattr(sampler, "stochastic", True):
-            raise FlowFactoryError(
-                "optimizer `grpo` needs a stochastic sampler with log-probabilities, but the configured sampler "
-                "is deterministic. Set `sampler.name` to an SDE sampler such as `flow-sde`.")
-        problem = self.check_sampler(sampler)
-        if problem:
-            raise FlowFactoryError(f"optimizer `grpo`: {problem}")
 
     def units(self, batch: TrainBatch) -> list[int]:
         return batch.trajectory.stochastic_steps()
@@ -63,7 +54,7 @@ class GRPO:
     def on_rollout(self, policy: Policy) -> None:
         """GRPO-Guard: keep the sampling policy's parameters, to recompute its step means after updates."""
         if self.options.guard:
-            self._old_params = [p.detach().clone() for p in policy.trainable_parameters()]
+            self._old = ParamSnapshot.retake(self._old, policy.trainable_parameters())
 
     def _old_mean(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: int) -> torch.Tensor | None:
         """The sampling policy's step mean for a non-fresh batch (None for a fresh one: the current mean is it).
@@ -71,21 +62,13 @@ class GRPO:
         Must run before the forward with grad: it swaps the snapshot into the parameters in place."""
         if batch.fresh:
             return None
-        if self._old_params is None:
+        if self._old is None:
             raise FlowFactoryError("optimizer `grpo` with `guard: true` got an update after a rollout without its "
                                    "on_rollout snapshot of the sampling policy; call on_rollout(policy) after rollouts")
-        params = policy.trainable_parameters()
         traj = batch.trajectory
-        with torch.no_grad():
-            current = [p.detach().clone() for p in params]
-            try:
-                for p, old in zip(params, self._old_params):
-                    p.copy_(old)
-                dist = sampler.step_distribution(policy, traj.latents[:, unit], traj.sigmas, unit, batch.cond,
-                                                 stochastic=True)
-            finally:
-                for p, cur in zip(params, current):
-                    p.copy_(cur)
+        with torch.no_grad(), self._old.swapped(policy.trainable_parameters()):
+            dist = sampler.step_distribution(policy, traj.latents[:, unit], traj.sigmas, unit, batch.cond,
+                                             stochastic=True)
         return dist.mean.float()
 
     def loss(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: int) -> LossOutput:
@@ -94,7 +77,7 @@ class GRPO:
         old_mean = self._old_mean(policy, sampler, batch, unit) if o.guard else None
         dist = sampler.log_prob(policy, traj, unit, batch.cond)
         old = traj.log_probs[:, unit].float()
-        adv = batch.advantages.float().clamp(-o.adv_clip, o.adv_clip)
+        adv = clip_advantages(batch.advantages.float(), o.adv_clip)
         log_ratio = dist.log_prob - old
         metrics: dict[str, Any] = {}
         weight = 1.0
@@ -111,14 +94,12 @@ class GRPO:
             metrics["grpo/guard_weight"] = torch.tensor(weight)
         else:
             clip_log_ratio = log_ratio
-        ratio = torch.exp(clip_log_ratio)
-        unclipped = -adv * ratio
-        clipped = -adv * torch.clamp(ratio, 1.0 - o.clip_range, 1.0 + o.clip_range)
-        loss = weight * torch.maximum(unclipped, clipped)
+        surrogate, m = clipped_surrogate(clip_log_ratio, adv, o.clip_range, kl_log_ratio=log_ratio)
+        loss = weight * surrogate
         metrics.update({
             "grpo/policy_loss": loss.detach().mean(),
-            "grpo/clipfrac": ((ratio.detach() - 1.0).abs() > o.clip_range).float().mean(),
-            "grpo/approx_kl": (0.5 * log_ratio.detach() ** 2).mean(),
+            "grpo/clipfrac": m["clipfrac"],
+            "grpo/approx_kl": m["approx_kl"],
         })
         if o.kl_beta > 0:
             x = traj.latents[:, unit]
