@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from flowfactory.algorithms import ParamSnapshot, clip_advantages, clipped_surrogate, shift_times
 from flowfactory.errors import FlowFactoryError
 from flowfactory.seeding import randn_per_sample, sample_seed
 from flowfactory.train.ema import EMA
@@ -82,14 +83,13 @@ def sample_times(kind: str, k: int, b: int, gen: torch.Generator, *, sigmas: tor
         u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=gen, dtype=torch.float64)) / k
         z = torch.distributions.Normal(0.0, 1.0).icdf(u.clamp(1e-7, 1 - 1e-7))
         z = z[torch.randperm(k, generator=gen)]
-        t = torch.sigmoid(z * std + mean)
-        t = shift * t / (1 + (shift - 1) * t)
+        t = shift_times(torch.sigmoid(z * std + mean), shift)
         return t.clamp(min=t_min).float()[:, None].expand(k, b).contiguous()
     if kind == "uniform":
         u = (torch.arange(k, dtype=torch.float64)[:, None] + torch.rand(k, b, generator=gen, dtype=torch.float64)) / k
         m = lo + u * (hi - lo)
         m = torch.gather(m, 0, torch.rand(k, b, generator=gen).argsort(dim=0))  # shuffle each column
-        return (shift * m / (1 + (shift - 1) * m)).float()
+        return shift_times(m, shift).float()
     if kind == "discrete":
         if sigmas is None:
             raise ValueError("discrete times need the sampler's sigmas")
@@ -112,7 +112,7 @@ class AWM(OptimizerHooks):
         self.steps = 0  # optimizer steps taken (the linear EMA decay schedule counts them)
         self.ema_steps = 0  # optimizer steps already folded into the EMA policy
         self.ema: EMA | None = None  # the EMA policy (KL-EMA and off-policy sampling)
-        self._old: EMA | None = None  # snapshot of the sampling policy, taken in on_rollout
+        self._old: ParamSnapshot | None = None  # the sampling policy's parameters, taken in on_rollout
 
     # --- setup and hooks ------------------------------------------------------------------------------------
     @property
@@ -121,6 +121,7 @@ class AWM(OptimizerHooks):
 
     def setup(self, policy: Policy, sampler: Sampler) -> None:
         """Start the EMA policy at the current weights (AWM works with any sampler)."""
+        super().setup(policy, sampler)
         self._parameters(policy)
 
     def _parameters(self, policy: Policy) -> dict[str, torch.Tensor]:
@@ -153,7 +154,7 @@ class AWM(OptimizerHooks):
     def on_rollout(self, policy: Policy) -> None:
         """Snapshot the sampling policy: the `old` policy of the ratio for this epoch's non-fresh batches."""
         if not self.options.off_policy:
-            self._old = EMA(self._parameters(policy), 1.0)
+            self._old = ParamSnapshot.retake(self._old, self._parameters(policy))
 
     def on_step(self, policy: Policy) -> None:
         self.steps += 1
@@ -239,23 +240,19 @@ class AWM(OptimizerHooks):
         lp = log_p(v)
         if not old_needed:  # fresh: the policy is still the sampling one, so log p_old = log p_theta exactly
             old = lp.detach()
-        adv = batch.advantages.double().clamp(-o.adv_clip, o.adv_clip)
+        adv = clip_advantages(batch.advantages.double(), o.adv_clip)
         if o.advantage_max is not None:
             adv = adv / o.adv_clip * o.advantage_max
-        log_ratio = lp - old
-        ratio = torch.exp(log_ratio)
-        unclipped = -adv * ratio
-        clipped = -adv * torch.clamp(ratio, 1.0 - o.clip_range, 1.0 + o.clip_range)
-        policy_loss = torch.maximum(unclipped, clipped)
+        policy_loss, m = clipped_surrogate(lp - old, adv, o.clip_range)
         loss = policy_loss
         metrics: dict[str, Any] = {
             "awm/policy_loss": policy_loss.detach().mean(),
             "awm/log_p": lp.detach().mean(),
             "awm/fm_error": ((v.detach().double() - target) ** 2).mean(dim=dims).mean(),
             "awm/t": t.detach().float().mean(),
-            "awm/ratio": ratio.detach().mean(),
-            "awm/clipfrac": ((ratio.detach() - 1.0).abs() > o.clip_range).double().mean(),
-            "awm/approx_kl": (0.5 * log_ratio.detach() ** 2).mean(),
+            "awm/ratio": m["ratio"],
+            "awm/clipfrac": m["clipfrac"],
+            "awm/approx_kl": m["approx_kl"],
         }
         if o.kl_beta > 0:
             with policy.reference():
