@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from flowfactory.algorithms import clip_advantages, shift_times
 from flowfactory.errors import FlowFactoryError
 from flowfactory.seeding import randn_per_sample, sample_seed
 from flowfactory.train.ema import EMA
@@ -56,13 +57,8 @@ def old_decay(step: int, flat: int, rate: float, ceiling: float) -> float:
 
 def optimality(advantages: torch.Tensor, adv_clip: float) -> torch.Tensor:
     """r = 0.5 + 0.5 clip(A, -c, c) / c in [0, 1]: the probability that a rollout is "positive"."""
-    a = advantages.float().clamp(-adv_clip, adv_clip)
+    a = clip_advantages(advantages.float(), adv_clip)
     return (a / adv_clip / 2.0 + 0.5).clamp(0.0, 1.0)
-
-
-def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """t' = s t / (1 + (s - 1) t), the usual flow-matching time shift (identity for s = 1)."""
-    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 def draw_times(options: Any, n: int, k: int, sigmas: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -138,6 +134,7 @@ class NFT(OptimizerHooks):
 
     def setup(self, policy: Policy, sampler: Sampler) -> None:
         """Any sampler serves (rollouts are deterministic); creates the old policy from the current weights."""
+        super().setup(policy, sampler)
         self._old(named_trainable(policy))
 
     @contextmanager
