@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from flowfactory.algorithms import ParamSnapshot, approx_kl
 from flowfactory.errors import FlowFactoryError
-from flowfactory.train.ema import EMA
 from flowfactory.train.state import named_trainable
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
 
@@ -53,20 +53,14 @@ class DPPO(OptimizerHooks):
     def __init__(self, options: Any):
         self.options = options
         self.requirements = Requirements(keep="steps", stochastic=True, reference=options.kl_beta > 0)
-        self._old: EMA | None = None  # the sampling policy's trainable parameters, taken in on_rollout
-
-    def setup(self, policy: Policy, sampler: Sampler) -> None:
-        if not getattr(sampler, "stochastic", True):
-            raise FlowFactoryError(
-                "optimizer `dppo` needs a stochastic sampler with log-probabilities, but the configured sampler is "
-                "deterministic. Set `sampler.name` to an SDE sampler such as `flow-sde`.")
+        self._old: ParamSnapshot | None = None  # the sampling policy's trainable parameters, taken in on_rollout
 
     def units(self, batch: TrainBatch) -> list[int]:
         return batch.trajectory.stochastic_steps()
 
     def on_rollout(self, policy: Policy) -> None:
         """Keep the sampling policy's parameters, to recompute its step means after the first optimizer step."""
-        self._old = EMA(named_trainable(policy), 1.0)
+        self._old = ParamSnapshot.retake(self._old, named_trainable(policy))
 
     def _old_mean(self, policy: Policy, sampler: Sampler, batch: TrainBatch, unit: int) -> torch.Tensor | None:
         """The sampling policy's step mean on a non-fresh batch (None on a fresh one: the current mean is it).
@@ -98,7 +92,7 @@ class DPPO(OptimizerHooks):
             "dppo/outside_frac": d["outside"].float().mean(),
             "dppo/masked_frac": d["drop"].float().mean(),
             "dppo/ratio": d["ratio"].mean(),
-            "dppo/approx_kl": (0.5 * log_ratio**2).mean(),
+            "dppo/approx_kl": approx_kl(log_ratio),
         }
         max_metrics: dict[str, Any] = {"dppo/kl_max": d["kl"].max()}
         if o.kl_beta > 0:
