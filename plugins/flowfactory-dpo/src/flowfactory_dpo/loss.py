@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flowfactory.algorithms import shift_times
 from flowfactory.errors import FlowFactoryError
 from flowfactory.seeding import randn_per_sample, sample_seed
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch, select_rows
@@ -70,7 +71,7 @@ def pair_times(k: int, gen: torch.Generator, lo: float, hi: float, shift: float)
     u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=gen, dtype=torch.float64)) / k
     u = u[torch.randperm(k, generator=gen)]
     t = lo + u * (hi - lo)
-    return (shift * t / (1 + (shift - 1) * t)).float()
+    return shift_times(t, shift).float()
 
 
 def dpo_pair_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -81,16 +82,13 @@ def dpo_pair_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor,
 
 
 class DPO(OptimizerHooks):
-    """The `dpo` policy optimizer (see the module docstring for the objective)."""
+    """The `dpo` policy optimizer (see the module docstring for the objective). Any sampler serves: DPO trains on
+    the final samples of deterministic rollouts, so the inherited `setup` has nothing to refuse."""
 
     def __init__(self, options: Any, seed: int = 0):
         self.options = options
         self.seed = int(seed)
         self.requirements = Requirements(keep="final", stochastic=False, reference=True, whole_groups=True)
-
-    def setup(self, policy: Policy, sampler: Sampler) -> None:
-        """Any sampler: DPO trains on the final samples only (the rollouts are deterministic)."""
-        return None
 
     def units(self, batch: TrainBatch) -> list[DPOUnit]:
         """The batch's pairs, and for each of the K units every pair's time and noise seed, from its rows' keys."""
