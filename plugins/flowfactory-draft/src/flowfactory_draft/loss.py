@@ -66,11 +66,6 @@ class Draft(OptimizerHooks):
             return f"k={self.options.k} differentiated steps exceed the sampler's {steps} steps; lower k"
         return None
 
-    def setup(self, policy: Any, sampler: Any) -> None:
-        problem = self.check_sampler(sampler)
-        if problem:
-            raise FlowFactoryError(f"optimizer `draft`: {problem}")
-
     def units(self, batch: TrainBatch) -> list[int]:
         """One unit per micro-batch; DRaFT-LV: one per re-noised copy."""
         return list(range(self.options.lv_samples)) if self.options.variant == "draft-lv" else [0]
