@@ -186,11 +186,14 @@ def run_summary_panel(summary: Any) -> Panel:
     grid.add_row("epochs", epochs)
     first, last = float(summary.reward_first), float(summary.reward_last)
     window = int(getattr(summary, "window", 5))
+    metric = str(getattr(summary, "metric", "reward/mean"))
+    label = "mean reward" if metric == "reward/mean" else metric
+    unit = "eval" if metric.startswith("eval/") else "epoch"
     if window > 0:
-        what = "epoch" if window == 1 else f"{window} epochs"
-        grid.add_row("mean reward", f"{first:.4f} -> {last:.4f} ({last - first:+.4f}), first vs last {what}")
+        what = unit if window == 1 else f"{window} {unit}s"
+        grid.add_row(label, f"{first:.4f} -> {last:.4f} ({last - first:+.4f}), first vs last {what}")
     else:
-        grid.add_row("mean reward", "run too short to compare (one epoch)")
+        grid.add_row(label, f"run too short to compare (one {unit})")
     grid.add_row("output", escape(str(summary.output_dir)))
     for label, path in (("final model", summary.final_dir), ("metrics", summary.metrics_path),
                         ("samples", summary.samples_dir)):

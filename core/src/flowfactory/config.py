@@ -399,10 +399,42 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
                                     registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx))
         if mismatch:
             problems.append(mismatch)
+        else:
+            problems += dataset_problems(cfg, registry.get("optimizer", cfg.optimizer.name).create(
+                options["optimizer"], ctx), source)
     if problems:
         raise ConfigError(source, problems)
     assert cfg is not None
     return cfg, options
+
+
+def dataset_problems(cfg: RunConfig, algorithm: Any, source: str) -> list[tuple[str, str]]:
+    """For an algorithm that learns from target images (`requirements.source == "dataset"`): groups that hold
+    whole sets of targets, no replay, and every training record with each target image it reads."""
+    need = getattr(algorithm, "requirements", None)
+    if need is None or getattr(need, "source", "rollouts") != "dataset":
+        return []
+    from flowfactory.train.data import load_prompts
+
+    name, names, probs = cfg.optimizer.name, tuple(need.targets), []
+    if not names:
+        return [("optimizer.name", f"optimizer {name!r} learns from a dataset but names no target images")]
+    if cfg.train.group_size % len(names):
+        probs.append(("train.group_size", f"optimizer {name!r} reads {len(names)} target images per record "
+                                          f"({', '.join(names)}), one per row of a group: group_size must be a "
+                                          f"multiple of {len(names)}, got {cfg.train.group_size}"))
+    if cfg.data.replay is not None:
+        probs.append(("data.replay", f"optimizer {name!r} learns from the target images of data.train; there are "
+                                     f"no rollouts to replay (remove data.replay)"))
+    records = load_prompts(cfg.data.train, config_dir(source), "data.train")
+    for i, r in enumerate(records, 1):
+        missing = [n for n in names if n not in r.targets]
+        if missing:
+            probs.append(("data.train", f"record {i} ({r.text!r}) has no {' or '.join(repr(m) for m in missing)} "
+                                        f"image, which optimizer {name!r} learns from: give every line of "
+                                        f"{cfg.data.train} {', '.join(repr(n) for n in names)} image paths"))
+            break
+    return probs
 
 
 def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str, str] | None:

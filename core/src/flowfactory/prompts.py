@@ -155,3 +155,19 @@ def check_image(path: Path) -> str | None:
         return f"not a readable image ({exc})"
     return None
 
+
+
+def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """An image [C, h, w] (or a batch [B, C, h, w]) resized so it covers height x width (its shorter side scaled,
+    bicubic with antialiasing, clamped to [0, 1]) and centre-cropped to exactly that size."""
+    import torch.nn.functional as F
+
+    batch = image if image.ndim == 4 else image[None]
+    h, w = batch.shape[-2:]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        batch = F.interpolate(batch.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    out = batch[..., top:top + height, left:left + width].clamp(0, 1)
+    return out if image.ndim == 4 else out[0]

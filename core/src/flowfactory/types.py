@@ -113,6 +113,11 @@ class Policy(Protocol):
 
     Convention: x_sigma = (1 - sigma) * x_data + sigma * noise and the velocity is d x / d sigma's
     negative direction used by FlowMatchEuler: x_{next} = x + (sigma_next - sigma) * v, v ~ noise - data.
+
+    Optional: `encode_image(images: list[torch.Tensor]) -> torch.Tensor`, the inverse of `decode` for dataset
+    algorithms (SFT, offline DPO): images (each float32 [3, h, w] in [0, 1], any size) resized to the policy's
+    resolution (shorter side scaled, centre crop) and encoded to clean latents [B, *latent_shape] (sigma 0), the
+    encoder's deterministic mean, normalised and packed as the policy's own latents. No grad.
     """
 
     module: Any  # the trainable torch.nn.Module; the loop may replace it with its Accelerate-wrapped self
@@ -209,6 +214,11 @@ class Requirements:
     stochastic: bool = True  # SDE rollout (True) or deterministic ODE rollout (False)
     reference: bool = True  # calls policy.reference() (a KL term); False spares a full finetune its frozen copy
     whole_groups: bool = False  # every micro-batch holds whole groups (pair losses): the loop shuffles groups
+    # "rollouts": learn from the epoch's samples; "dataset": from the prompt records' target images (SFT, offline
+    # DPO), nothing sampled: row j of a group takes target `targets[j % len(targets)]` of its record, VAE-encoded
+    # by `policy.encode_image` as the trajectory's final latents, with reward 1 for targets[0] and 0 for the others
+    source: Literal["rollouts", "dataset"] = "rollouts"
+    targets: tuple[str, ...] = ()  # the record fields a dataset algorithm reads, e.g. ("target",), ("chosen", "rejected")
 
 
 @dataclass

@@ -87,6 +87,14 @@ class ToyPolicy:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
+    @torch.no_grad()
+    def encode_image(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images to latents, the inverse of `decode`: fitted to size x size, then 2 * image - 1."""
+        from flowfactory.prompts import fit_image
+
+        _, h, w = self.latent_shape
+        return torch.stack([fit_image(im[:self.latent_shape[0]], h, w) for im in images]).to(self.device) * 2 - 1
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
 

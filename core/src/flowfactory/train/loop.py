@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowfactory.config import RunConfig, config_dir, sampler_mismatch, split_problems
+from flowfactory.config import RunConfig, config_dir, dataset_problems, sampler_mismatch, split_problems
 from flowfactory.errors import FlowFactoryError, NonFiniteError, RewardError, RunInterrupted
-from flowfactory.prompts import Prompt
+from flowfactory.prompts import Prompt, file_digest
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import generators, sample_seed  # noqa: F401  (sample_seed: its old import path)
 from flowfactory.train import checkpoint as ckpt
@@ -55,6 +55,9 @@ from flowfactory.types import Conditioning, OptimizerHooks, Samples, TrainBatch,
 EVAL_KEY = 2**31 - 1  # the epoch slot of eval samples' keys: eval noise is the same at every eval
 
 
+DATASET_LABEL = "dataset"  # the reward name of a dataset algorithm's labels (1 for the preferred target, else 0)
+CACHE_ROWS = 4096  # encoded target images kept per process
+
 @dataclass
 class RunSummary:
     output_dir: str
@@ -68,6 +71,7 @@ class RunSummary:
     resumed_from: int | None
     window: int = 5  # epochs in each of the two compared reward windows; 0: too short to compare
     best: dict[str, Any] | None = None  # {"metric", "value", "epoch", "dir"} when eval.best kept a best/
+    metric: str = "reward/mean"  # what reward_first/last average: eval/reward/mean for a dataset algorithm
 
 
 @dataclass
@@ -201,6 +205,7 @@ class Recipe:
         """Prompts first: a bad prompt file must not cost a model load."""
         cfg, base_dir = self.cfg, config_dir(self.source)
         self.train_prompts = load_prompts(cfg.data.train, base_dir, "data.train")
+        self.target_latents: dict[tuple[str, str, str], torch.Tensor] = {}  # dataset algorithms' encoded targets
         self.eval_prompts = (load_prompts(cfg.data.eval, base_dir, "data.eval")[: self.t.eval_prompts]
                              if cfg.data.eval else [])
 
@@ -217,6 +222,8 @@ class Recipe:
         self.sampler = registry.get("sampler", cfg.sampler.name).create(options["sampler"], ctx)
         self.algorithm = registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx)
         mismatch = sampler_mismatch(cfg, self.sampler, self.algorithm)
+        if mismatch is None and (found := dataset_problems(cfg, self.algorithm, self.source)):
+            mismatch = found[0]
         if mismatch:
             raise FlowFactoryError(f"{self.source}: {mismatch[0]}: {mismatch[1]}")
         groups_here = self.n_local // self.t.group_size
@@ -397,6 +404,8 @@ class Recipe:
             if self.replay is not None:  # the stored epoch instead of sampling it
                 roll, per_reward, total = self.replayed(epoch, local, scorer)
                 prompts = roll.prompts
+            elif self.algorithm.requirements.source == "dataset":  # the records' target images: nothing sampled
+                roll, per_reward, total = self.from_dataset(prompts, keys, groups)
             else:
                 with self.hooks.sampling(self.policy):
                     roll = self.rollout(prompts, keys, groups, deterministic=not self.algorithm.requirements.stochastic,
@@ -425,7 +434,8 @@ class Recipe:
             grid = (roll.media[first].cpu(), [f"{prompts[i].text} | {float(total[i]):.3f}" for i in first])
         roll.media = None
         gathered = {k: self.accelerator.gather(v.to(self.device)).cpu() for k, v in per_reward.items()}
-        adv_all, reward_all = compute_advantages(gathered, self.rewards.weights, group_ids, std=self.t.adv_std,
+        weights = {DATASET_LABEL: 1.0} if DATASET_LABEL in gathered else self.rewards.weights
+        adv_all, reward_all = compute_advantages(gathered, weights, group_ids, std=self.t.adv_std,
                                                  clip=self.t.adv_clip, combine=self.t.reward_combine)
         advantages = adv_all[local.start:local.stop].to(self.device)
         self.epoch_rewards = reward_all[local.start:local.stop].to(self.device)
@@ -477,6 +487,41 @@ class Recipe:
         scorer.add(rows.media)
         per_reward, total = scorer.result()
         return roll, per_reward, total
+
+    def from_dataset(self, prompts: list[Prompt], keys: list[tuple[int, ...]], group_ids: list[int],
+                     ) -> tuple[Rollouts, dict[str, torch.Tensor], torch.Tensor]:
+        """This process's rows from the records' target images (a dataset algorithm: SFT, offline DPO). Row j of a
+        group takes target `targets[j % len(targets)]`, encoded by `policy.encode_image` (cached per image file:
+        a target is encoded once per run) as the trajectory's final latents; its label is 1 for targets[0] and 0
+        for the others, logged as the reward `dataset`."""
+        need, t = self.algorithm.requirements, self.t
+        names = need.targets
+        encode = getattr(self.policy, "encode_image", None)
+        if not callable(encode):
+            raise FlowFactoryError(f"{self.source}: optimizer {self.cfg.optimizer.name!r} learns from target images, "
+                                   f"but policy {self.cfg.policy.name!r} has no encode_image (images to latents); "
+                                   f"use a policy that has one")
+        which = [names[(j % t.group_size) % len(names)] for j in range(len(prompts))]
+        latents = []
+        for p, name in zip(prompts, which, strict=True):
+            key = (name, str(p.targets[name]), file_digest(p.targets[name]))
+            if key not in self.target_latents:
+                with torch.no_grad():
+                    self.target_latents[key] = encode([p.load_target(name)])[0]
+                while len(self.target_latents) > CACHE_ROWS:
+                    self.target_latents.pop(next(iter(self.target_latents)))
+            latents.append(self.target_latents[key])
+        final = torch.stack(latents).to(self.device)
+        steps = self.sampler.steps
+        trajectory = Trajectory(sigmas=self.policy.sigmas(steps).to(self.device),
+                                stochastic=torch.zeros(steps, dtype=torch.bool, device=self.device), final=final)
+        with torch.no_grad(), self.accelerator.autocast():
+            media = torch.cat([self.policy.decode(final[lo:lo + t.rollout_batch_size]).float()
+                               for lo in range(0, len(final), t.rollout_batch_size)])
+        labels = torch.tensor([1.0 if name == names[0] else 0.0 for name in which], dtype=torch.float32)
+        roll = Rollouts(prompts=prompts, keys=keys, group_ids=group_ids, trajectory=trajectory,
+                        cond=self.encode(prompts), media=media)
+        return roll, {DATASET_LABEL: labels}, labels
 
     def epoch_prompts(self, epoch: int) -> tuple[list[Prompt], range, torch.Tensor]:
         """P distinct prompts drawn from (seed, epoch), K rollouts each; this process takes a contiguous slice.
@@ -767,13 +812,17 @@ class Recipe:
         final = self.out / "final"
         self._write_model(final)
         rows = _read_rows(self.out / "metrics.jsonl")
-        reward_first, reward_last, window = reward_windows([r["reward/mean"] for r in rows])
+        metric = "reward/mean"
+        if self.algorithm.requirements.source == "dataset":  # the train reward is the dataset's label: eval shows
+            metric = "eval/reward/mean"                    # what was learnt
+        reward_first, reward_last, window = reward_windows([r[metric] for r in rows if metric in r])
         samples = self.out / "samples"
         return RunSummary(output_dir=str(self.out), epochs=self.last_logged, reward_first=reward_first,
                           reward_last=reward_last, final_dir=str(final), metrics_path=str(self.out / "metrics.jsonl"),
                           samples_dir=str(samples) if samples.is_dir() else None,
                           wall_seconds=time.perf_counter() - self.t_start,
                           resumed_from=self.start_epoch if self.resume_from is not None else None, window=window,
+                          metric=metric,
                           best={**self.tracker.state(), "dir": str(self.out / "best")}
                           if (self.out / "best").is_dir() and self.tracker.best is not None else None)
 

@@ -14,6 +14,9 @@ from flowfactory import hookimpl
 
 class DPOOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    source: Literal["rollouts", "dataset"] = Field("rollouts", description=(
+        "rollouts: online DPO, pairs within each group of the epoch's rollouts, ranked by reward. dataset: offline "
+        "DPO on the prompt records' `chosen` and `rejected` images (group_size 2: one row each; nothing sampled)."))
     beta: float = Field(5000.0, gt=0, description=(
         "beta of -log sigmoid(-beta/2 ((e_w - e_w_ref) - (e_l - e_l_ref))), errors e averaged over latent dims "
         "(Diffusion-DPO's `beta_dpo`; its SD1.5 and SDXL runs use 5000)."))
@@ -44,4 +47,5 @@ def _build(options: DPOOptions, ctx: Any) -> Any:
 @hookimpl
 def register_optimizers(register):
     register("dpo", _build, options=DPOOptions,
-             summary="Online Diffusion-DPO: best/worst pairs within each group, flow-matching errors vs the reference.")
+             summary="Diffusion-DPO: pairs within each group of rollouts (or a dataset's chosen/rejected images), "
+                     "flow-matching errors vs the reference.")

@@ -88,7 +88,10 @@ class DPO(OptimizerHooks):
     def __init__(self, options: Any, seed: int = 0):
         self.options = options
         self.seed = int(seed)
-        self.requirements = Requirements(keep="final", stochastic=False, reference=True, whole_groups=True)
+        offline = getattr(options, "source", "rollouts") == "dataset"  # chosen/rejected images of the prompt records
+        self.requirements = Requirements(keep="final", stochastic=False, reference=True, whole_groups=True,
+                                         source="dataset" if offline else "rollouts",
+                                         targets=("chosen", "rejected") if offline else ())
 
     def units(self, batch: TrainBatch) -> list[DPOUnit]:
         """The batch's pairs, and for each of the K units every pair's time and noise seed, from its rows' keys."""
