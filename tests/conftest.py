@@ -28,6 +28,7 @@ os.environ["FLOWFACTORY_STRICT_PLUGINS"] = "1"  # set at import, before any test
 
 import flowfactory.plugins as ff_plugins
 from flowfactory import hookimpl
+from flowfactory.types import OptimizerHooks, Requirements
 
 TEST_PACKAGE = "test-plugins"
 TEST_VERSION = "1.0"
@@ -63,6 +64,16 @@ def build_component(options: Any, ctx: Any) -> Built:
     return Built(options, ctx)
 
 
+class BuiltAlgorithm(Built, OptimizerHooks):
+    """`fake-opt`'s build result: an algorithm (every one subclasses OptimizerHooks) that fits any sampler."""
+
+    requirements = Requirements(keep="final", stochastic=False)
+
+
+def build_algorithm(options: Any, ctx: Any) -> BuiltAlgorithm:
+    return BuiltAlgorithm(options, ctx)
+
+
 class ComponentsPlugin:
     """Inline plugin with a policy and an optimizer, the two kinds core does not ship."""
 
@@ -73,7 +84,7 @@ class ComponentsPlugin:
 
     @hookimpl
     def register_optimizers(self, register: Callable[..., None]) -> None:
-        register("fake-opt", build_component, options=FakeOptOptions, summary="A test optimizer.")
+        register("fake-opt", build_algorithm, options=FakeOptOptions, summary="A test optimizer.")
 
 
 VALID_CONFIG: dict[str, Any] = {

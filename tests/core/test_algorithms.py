@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flowfactory.algorithms import ParamSnapshot, approx_kl, clip_advantages, clipped_surrogate, shift_times
-from flowfactory.errors import FlowFactoryError
+from flowfactory.errors import ConfigError, FlowFactoryError
 from flowfactory.registry import BuildContext
 from flowfactory.train.ema import EMA
 from flowfactory.types import OptimizerHooks, Requirements
@@ -190,3 +190,21 @@ def test_sampler_problem_reads_capabilities() -> None:
     assert AnySampler().sampler_problem(s["ode"], "'ode'") is None
     assert AnySampler().setup(None, None) is None  # no sampler attribute is read
 
+
+def test_validation_refuses_an_algorithm_without_the_base_class(make_state, components_plugin, config_file) -> None:
+    from flowfactory import hookimpl
+    from flowfactory.config import load
+
+    class Bare:
+        requirements = Requirements(keep="final", stochastic=False)
+
+    class Plugin:
+        @hookimpl
+        def register_optimizers(self, register):
+            register("bare", lambda options, ctx: Bare())
+
+    state = make_state(components_plugin, Plugin())
+    with pytest.raises(ConfigError) as err:
+        load(config_file(optimizer={"name": "bare"}), registry=state.registry)
+    assert err.value.problems == [("optimizer.name", "optimizer 'bare': its build returned Bare, which does not "
+                                   "subclass flowfactory.types.OptimizerHooks; every algorithm must (update its package)")]

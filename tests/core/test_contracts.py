@@ -24,7 +24,7 @@ from flowfactory.testing import (
     SamplerContract,
     load_registry,
 )
-from flowfactory.types import LossOutput, Policy, Requirements, Sampler, TrainBatch
+from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
 
 pytest_plugins = ["pytester"]
 
@@ -36,7 +36,7 @@ class PGOptions(BaseModel):
     scale: float = Field(1.0, gt=0, description="Multiplies the loss.")
 
 
-class PolicyGradientExample:
+class PolicyGradientExample(OptimizerHooks):
     """REINFORCE over SDE steps: loss = -scale * advantage * log-prob, one unit per stochastic step."""
 
     requirements = Requirements(keep="steps", stochastic=True)
@@ -60,7 +60,7 @@ class PolicyGradientExample:
         return LossOutput(loss=loss, metrics={"pg/log_prob": dist.log_prob.mean().detach()}, max_metrics=max_metrics)
 
 
-class WeightedFlowMatchingExample:
+class WeightedFlowMatchingExample(OptimizerHooks):
     """Flow-matching regression on final samples, weighted by sigmoid(advantage): an ODE-rollout algorithm.
 
     It draws the regression noise from torch's global RNG for the whole micro-batch, so a row's loss
@@ -265,7 +265,7 @@ from flowfactory.samplers import FlowSDEOptions
 from flowfactory.samplers.flow import FlowSDESampler
 from flowfactory.testing import OptimizerContract, PolicyContract, RewardContract, SamplerContract
 from flowfactory.testing.toy import ToyPolicy
-from flowfactory.types import LossOutput, Requirements
+from flowfactory.types import LossOutput, OptimizerHooks, Requirements
 from contextlib import contextmanager
 
 
@@ -285,7 +285,7 @@ class NoFrozenReference(ToyPolicy):
             yield
 
 
-class ScalarLoss:
+class ScalarLoss(OptimizerHooks):
     """Averages the loss itself and detaches it."""
     requirements = Requirements(keep="steps", stochastic=True)
     def setup(self, policy, sampler):

@@ -40,9 +40,9 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
 @pytest.fixture(scope="module", autouse=True)
 def toy_grpo(registry: Registry) -> None:
     """A stochastic algorithm keeping every step (GRPO's requirements) without a plugin package."""
-    from flowfactory.types import Requirements
+    from flowfactory.types import OptimizerHooks, Requirements
 
-    class Algo:
+    class Algo(OptimizerHooks):
         requirements = Requirements(keep="steps", stochastic=True, reference=True)
 
     if "toy-grpo" not in registry.names("optimizer"):

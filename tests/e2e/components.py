@@ -6,6 +6,7 @@ import json
 import os
 
 from flowfactory import hookimpl
+from flowfactory.types import OptimizerHooks
 
 
 class FlakyOnOneProcess:
@@ -46,7 +47,7 @@ class GroupRecorder:
         return (b - means).float()
 
 
-class NanPG:
+class NanPG(OptimizerHooks):
     """REINFORCE on the stored log-probs whose loss is NaN in one epoch (and on one process) when
     FLOWFACTORY_TEST_NAN="EPOCH" or "EPOCH:RANK" is set: a loss that blows up, as a bad batch does."""
 

@@ -12,10 +12,10 @@ from runs import rows, train
 from flowfactory.config import load
 from flowfactory.errors import ConfigError
 from flowfactory.registry import ComponentSpec, NoOptions
-from flowfactory.types import LossOutput, Requirements
+from flowfactory.types import LossOutput, OptimizerHooks, Requirements
 
 
-class GroupRecorder:
+class GroupRecorder(OptimizerHooks):
     """REINFORCE on the stored log-probs that keeps every micro-batch it is given."""
 
     def __init__(self, whole_groups: bool):

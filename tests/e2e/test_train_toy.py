@@ -18,6 +18,7 @@ from flowfactory.config import load
 from flowfactory.errors import FlowFactoryError, RewardError
 from flowfactory.train import checkpoint as ckpt
 from flowfactory.train import run
+from flowfactory.types import OptimizerHooks
 
 HERE = Path(__file__).parent
 
@@ -205,7 +206,7 @@ def test_ema_weights_follow_the_trained_weights_step_by_step(toy_registry, toy_c
     assert any(not torch.equal(trained[k], saved[k]) for k in trained)
 
 
-class RecordingPG:
+class RecordingPG(OptimizerHooks):
     """A REINFORCE optimizer that uses every optional hook and records when the loop calls them."""
 
     from flowfactory.types import Requirements as _R

@@ -22,7 +22,6 @@ class attributes; the fixtures (`registry`, `policy`, `sampler`, ...) are class-
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from flowfactory.testing import OVERRIDE_MARK
 from flowfactory.types import (
     Conditioning,
     LossOutput,
+    OptimizerHooks,
     Policy,
     PolicyOptimizer,
     Requirements,
@@ -454,6 +454,9 @@ class SamplerContract(_ComponentContract):
         assert sampler.stochastic is self.stochastic, (
             f"sampler.stochastic is {sampler.stochastic!r} but the contract expects {self.stochastic!r}; set "
             f"`stochastic = {sampler.stochastic!r}` on {type(self).__name__} if that is intended")
+        sde_type = getattr(type(sampler), "sde_type", None)
+        assert sde_type is None or (isinstance(sde_type, str) and sde_type), (
+            f"{type(sampler).__name__}.sde_type (optional) must be a non-empty str class attribute or None")
 
     def test_rollout_keeping_steps(self, sampler: Sampler, policy: Policy, cond: Conditioning) -> None:
         n, s = len(self.prompts), sampler.steps
@@ -694,12 +697,11 @@ class OptimizerContract(_ComponentContract):
     @classmethod
     def optimizer(cls, registry: Registry) -> PolicyOptimizer:
         optimizer = cls.build(registry)
-        bind = getattr(optimizer, "bind_rewards", None)
-        if bind is not None:
+        if isinstance(optimizer, OptimizerHooks):  # else test_implements_protocol says what is wrong
             from flowfactory.train.rewards import RewardSet
 
-            bind(RewardSet([(name, registry.get("reward", name).create(dict(options), cls.context()), weight)
-                            for name, options, weight in cls.rewards]))
+            optimizer.bind_rewards(RewardSet([(name, registry.get("reward", name).create(dict(options), cls.context()),
+                                               weight) for name, options, weight in cls.rewards]))
         return optimizer
 
     @pytest.fixture(scope="class")
@@ -736,13 +738,10 @@ class OptimizerContract(_ComponentContract):
         n = len(prompts)
         cond = policy.encode(prompts)
         noise = policy.noise(make_generators(range(n)))
-        sampling = getattr(optimizer, "sampling", None)
-        with sampling(policy) if sampling is not None else contextlib.nullcontext():
+        with optimizer.sampling(policy):
             traj = sampler.rollout(policy, cond, noise, make_generators(range(100, 100 + n)), keep=need.keep,
                                    deterministic=not need.stochastic)
-        on_rollout = getattr(optimizer, "on_rollout", None)
-        if on_rollout is not None:  # as the loop does, after the rollouts and before any update
-            on_rollout(policy)
+        optimizer.on_rollout(policy)  # as the loop does, after the rollouts and before any update
         advantages = torch.linspace(-1.0, 1.0, n, dtype=torch.float32)
         return TrainBatch(trajectory=traj, cond=cond, advantages=advantages, fresh=True,
                           sample_keys=tuple((1, 0, i) for i in range(n)),  # (epoch, inner epoch, sample), as the loop
@@ -761,6 +760,8 @@ class OptimizerContract(_ComponentContract):
             return optimizer.loss(policy, sampler, batch, unit)
 
     def test_implements_protocol(self, optimizer: PolicyOptimizer) -> None:
+        assert isinstance(optimizer, OptimizerHooks), (
+            f"{type(optimizer).__name__} must subclass flowfactory.types.OptimizerHooks (the run refuses it otherwise)")
         assert isinstance(optimizer, PolicyOptimizer), (
             f"{type(optimizer).__name__} lacks members of flowfactory.types.PolicyOptimizer")
         need = optimizer.requirements
