@@ -442,8 +442,9 @@ def sampler_mismatch(cfg: RunConfig, sampler: Any, algorithm: Any) -> tuple[str,
     `sampler_problem(sampler)` names a problem (the one sampler check), or it needs whole groups in every
     micro-batch and optimizer step that these batch sizes cannot give."""
     if not isinstance(algorithm, OptimizerHooks):
-        return ("optimizer.name", f"optimizer {cfg.optimizer.name!r} builds a {type(algorithm).__name__}, which does "
-                                  "not subclass flowfactory.types.OptimizerHooks; every algorithm must (update its package)")
+        return ("optimizer.name", f"optimizer {cfg.optimizer.name!r}: its build returned {type(algorithm).__name__}, "
+                                  "which does not subclass flowfactory.types.OptimizerHooks; every algorithm must "
+                                  "(update its package)")
     problem = algorithm.sampler_problem(sampler, repr(cfg.sampler.name))
     if problem:
         return ("sampler.name", f"optimizer {cfg.optimizer.name!r} {problem}")

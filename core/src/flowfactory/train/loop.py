@@ -50,7 +50,7 @@ from flowfactory.train.logging import MetricsLog, read_metrics, reward_windows, 
 from flowfactory.train.rewards import ChunkScorer, RewardSet
 from flowfactory.train.state import init_optimizer_state, named_trainable, optimizer_state, raw_module
 from flowfactory.train.store import find_store, load_rows, save_rows
-from flowfactory.types import Conditioning, OptimizerHooks, Samples, TrainBatch, Trajectory, select_rows
+from flowfactory.types import Conditioning, Samples, TrainBatch, Trajectory, select_rows
 
 EVAL_KEY = 2**31 - 1  # the epoch slot of eval samples' keys: eval noise is the same at every eval
 
@@ -227,7 +227,7 @@ class Recipe:
         if mismatch:
             raise FlowFactoryError(f"{self.source}: {mismatch[0]}: {mismatch[1]}")
         groups_here = self.n_local // self.t.group_size
-        if getattr(self.algorithm.requirements, "whole_groups", False) and groups_here % self.t.steps_per_epoch:
+        if self.algorithm.requirements.whole_groups and groups_here % self.t.steps_per_epoch:
             raise FlowFactoryError(
                 f"{self.source}: train.steps_per_epoch: optimizer {cfg.optimizer.name!r} needs whole groups in every "
                 f"optimizer step, but each of the {self.world} processes holds {groups_here} groups, which do not "
@@ -243,8 +243,7 @@ class Recipe:
         self.eval_rewards = self.rewards if not cfg.eval.rewards else RewardSet(
             [(r.name, registry.get("reward", r.name).create(options[f"eval.rewards[{i}]"], ctx), r.weight)
              for i, r in enumerate(cfg.eval.rewards)], timeouts={r.name: r.timeout for r in cfg.eval.rewards})
-        self.hooks = AlgorithmHooks(self.algorithm)
-        self.hooks.bind_rewards(self.rewards)  # an algorithm that differentiates the rewards keeps them
+        self.algorithm.bind_rewards(self.rewards)  # an algorithm that differentiates the rewards keeps them
         cache_dir = self.t.conditioning_cache
         base_dir = config_dir(self.source)
         if cache_dir is not None and not Path(cache_dir).is_absolute() and base_dir is not None:
@@ -276,7 +275,7 @@ class Recipe:
         named = named_trainable(self.policy)
         return {"model": named, "optimizer": optimizer_state(_raw_optimizer(self.optimizer), named),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "algorithm": self.hooks.state_dict()}
+                "algorithm": self.algorithm.state_dict()}
 
     def _resume(self) -> None:
         if self.resume_from is None:
@@ -302,7 +301,7 @@ class Recipe:
                     p.copy_(saved[name])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.hooks.load_state_dict(state.get("algorithm") or {})
+        self.algorithm.load_state_dict(state.get("algorithm") or {})
         self.start_epoch = int(meta["epoch"])
         if self.start_epoch >= self.t.epochs and not (self.out / "final").exists():
             self.finish_only = True  # stopped after its last checkpoint, before final/ was complete
@@ -407,11 +406,11 @@ class Recipe:
             elif self.algorithm.requirements.source == "dataset":  # the records' target images: nothing sampled
                 roll, per_reward, total = self.from_dataset(prompts, keys, groups)
             else:
-                with self.hooks.sampling(self.policy):
+                with self.algorithm.sampling(self.policy):
                     roll = self.rollout(prompts, keys, groups, deterministic=not self.algorithm.requirements.stochastic,
                                         keep=self.algorithm.requirements.keep, epoch=epoch, scorer=scorer)
                 per_reward = None
-            self.hooks.on_rollout(self.policy)
+            self.algorithm.on_rollout(self.policy)
             t1 = time.perf_counter()
             if per_reward is None:
                 per_reward, total = scorer.result()
@@ -588,7 +587,7 @@ class Recipe:
                     skipped += 1
                 else:
                     grad_norms.append(norm)
-        self.hooks.on_epoch_end(self.policy)
+        self.algorithm.on_epoch_end(self.policy)
         out = stats.reduce(self.accelerator)
         if grad_norms:
             out["grad_norm"] = float(np.mean(grad_norms))
@@ -604,7 +603,7 @@ class Recipe:
         t = self.t
         per_step = self.n_local // t.steps_per_epoch
         rng = np.random.default_rng([self.cfg.seed, epoch, 2, inner, self.rank])
-        if getattr(self.algorithm.requirements, "whole_groups", False):  # local rows start on a group boundary
+        if self.algorithm.requirements.whole_groups:  # local rows start on a group boundary
             groups = rng.permutation(self.n_local // t.group_size)
             order = torch.from_numpy((groups[:, None] * t.group_size + np.arange(t.group_size)).reshape(-1))
         else:
@@ -660,7 +659,7 @@ class Recipe:
         self.consistent = False  # from the first applied step until the epoch's row is logged
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.hooks.on_step(self.policy)
+        self.algorithm.on_step(self.policy)
         if self.ema is not None:
             self.ema.update(named_trainable(self.policy))
         return norm
@@ -850,39 +849,6 @@ class Recipe:
                 shutil.rmtree(target)
             os.replace(tmp, target)
         acc.wait_for_everyone()
-
-
-class AlgorithmHooks:
-    """The algorithm's optional methods (`flowfactory.types.OptimizerHooks`), with no-op defaults."""
-
-    _defaults = OptimizerHooks()
-
-    def __init__(self, algorithm: Any):
-        self.algorithm = algorithm
-
-    def _get(self, name: str) -> Any:
-        return getattr(self.algorithm, name, None) or getattr(self._defaults, name)
-
-    def sampling(self, policy: Any) -> Any:
-        return self._get("sampling")(policy)
-
-    def on_rollout(self, policy: Any) -> None:
-        self._get("on_rollout")(policy)
-
-    def on_step(self, policy: Any) -> None:
-        self._get("on_step")(policy)
-
-    def on_epoch_end(self, policy: Any) -> None:
-        self._get("on_epoch_end")(policy)
-
-    def bind_rewards(self, rewards: Any) -> None:
-        self._get("bind_rewards")(rewards)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._get("state_dict")()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._get("load_state_dict")(state)
 
 
 class _Stats:
