@@ -9,7 +9,14 @@ import math
 import pytest
 import torch
 
-from flowfactory.algorithms import ParamSnapshot, approx_kl, clip_advantages, clipped_surrogate, shift_times
+from flowfactory.algorithms import (
+    ParamSnapshot,
+    approx_kl,
+    clip_advantages,
+    clipped_surrogate,
+    shift_times,
+    stratified_times,
+)
 from flowfactory.errors import ConfigError, FlowFactoryError
 from flowfactory.registry import BuildContext
 from flowfactory.train.ema import EMA
@@ -76,6 +83,19 @@ def test_shift_times(shift: float) -> None:
     got = shift_times(torch.tensor(t, dtype=torch.float64), shift).tolist()
     assert got == pytest.approx([shift * x / (1 + (shift - 1) * x) for x in t], rel=1e-15)
     assert got[0] == 0.0 and got[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("lo", "hi", "shift"), [(0.0, 1.0, 1.0), (0.2, 0.9, 3.0)])
+def test_stratified_times_put_one_time_in_each_stratum(lo: float, hi: float, shift: float) -> None:
+    k = 7
+    t = stratified_times(k, torch.Generator().manual_seed(3), lo, hi, shift)
+    assert t.dtype == torch.float32 and tuple(t.shape) == (k,)
+    assert torch.equal(t, stratified_times(k, torch.Generator().manual_seed(3), lo, hi, shift))
+    # undo the shift (t = s u / (1 + (s - 1) u)  <=>  u = t / (s - (s - 1) t)) and find each time's stratum
+    u = [x / (shift - (shift - 1) * x) for x in t.double().tolist()]
+    strata = [int((x - lo) / (hi - lo) * k) for x in u]
+    assert sorted(strata) == list(range(k)) and strata != list(range(k))  # one per stratum, not in order
+    assert all(lo <= x < hi for x in u)
 
 
 # --- ParamSnapshot and EMA ------------------------------------------------------------------------------------

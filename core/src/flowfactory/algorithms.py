@@ -4,7 +4,7 @@
 - `clip_advantages`: the one advantage clip (core's `train.adv_clip` and an algorithm's own bound use it).
 - `clipped_surrogate`: PPO's clipped policy loss per sample, with its `ratio`, `clipfrac` and `approx_kl` metrics.
 - `approx_kl`: the metric 0.5 mean((log r)^2), for an algorithm without the clip.
-- `shift_times`: the flow-matching time shift of training times.
+- `shift_times`: the flow-matching time shift of training times; `stratified_times`: K of them, one per stratum.
 - `ParamSnapshot`: a copy of the trainable parameters, swapped in on demand (the epoch's sampling policy).
   `flowfactory.train.ema.EMA` extends it with a moving average (an EMA or "old" policy).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ParamSnapshot", "approx_kl", "clip_advantages", "clipped_surrogate", "shift_times"]
+__all__ = ["ParamSnapshot", "approx_kl", "clip_advantages", "clipped_surrogate", "shift_times", "stratified_times"]
 
 
 def clip_advantages(advantages: torch.Tensor, clip: float | None) -> torch.Tensor:
@@ -55,6 +55,15 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_ra
 def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
     """t' = s t / (1 + (s - 1) t), the usual flow-matching time shift (identity for s = 1)."""
     return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def stratified_times(k: int, generator: torch.Generator, lo: float = 0.0, hi: float = 1.0,
+                     shift: float = 1.0) -> torch.Tensor:
+    """[k] float32 training times for one row: one uniform draw in each of k equal strata of [lo, hi), in random
+    order (unit j of the row gets the j-th), then shifted (`shift_times`); drawn in float64 from `generator`."""
+    u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=generator, dtype=torch.float64)) / k
+    u = u[torch.randperm(k, generator=generator)]
+    return shift_times(lo + u * (hi - lo), shift).float()
 
 
 Params = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flowfactory.algorithms import shift_times
+from flowfactory.algorithms import stratified_times
 from flowfactory.errors import FlowFactoryError
 from flowfactory.seeding import randn_per_sample, sample_seed
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch, select_rows
@@ -66,14 +66,6 @@ def form_pairs(batch: TrainBatch, mode: str, min_gap: float) -> list[tuple[int, 
     return pairs
 
 
-def pair_times(k: int, gen: torch.Generator, lo: float, hi: float, shift: float) -> torch.Tensor:
-    """[k] float32 times for one pair: stratified uniform in [lo, hi) over the k units, shuffled, shifted."""
-    u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=gen, dtype=torch.float64)) / k
-    u = u[torch.randperm(k, generator=gen)]
-    t = lo + u * (hi - lo)
-    return shift_times(t, shift).float()
-
-
 def dpo_pair_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
                   beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(-log sigmoid(inside) [P], inside [P]), inside = -beta / 2 ((e_w - e_w_ref) - (e_l - e_l_ref))."""
@@ -99,7 +91,7 @@ class DPO(OptimizerHooks):
         pairs = tuple(form_pairs(batch, o.pairs, o.min_gap))
         keys = batch.row_keys()
         pair_keys = [(self.seed, _STREAM, *keys[w], *keys[lo]) for w, lo in pairs]
-        times = [pair_times(o.num_times, torch.Generator().manual_seed(sample_seed(*key, 0)), o.time_min,
+        times = [stratified_times(o.num_times, torch.Generator().manual_seed(sample_seed(*key, 0)), o.time_min,
                             o.time_max, o.time_shift) for key in pair_keys]
         return [DPOUnit(index=k, pairs=pairs,
                         times=torch.stack([t[k] for t in times]) if times else torch.zeros(0),

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from flowfactory.algorithms import shift_times
+from flowfactory.algorithms import stratified_times
 from flowfactory.seeding import randn_per_sample, sample_seed
 from flowfactory.types import LossOutput, OptimizerHooks, Policy, Requirements, Sampler, TrainBatch
 
@@ -32,13 +32,6 @@ class SFTUnit:
     index: int
     times: torch.Tensor
     noise_seeds: tuple[int, ...]
-
-
-def row_times(k: int, gen: torch.Generator, lo: float, hi: float, shift: float) -> torch.Tensor:
-    """[k] float32 times for one row: stratified uniform in [lo, hi) over the k units, shuffled, shifted."""
-    u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=gen, dtype=torch.float64)) / k
-    u = u[torch.randperm(k, generator=gen)]
-    return shift_times(lo + u * (hi - lo), shift).float()
 
 
 def flow_matching_error(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -60,7 +53,7 @@ class SFT(OptimizerHooks):
     def units(self, batch: TrainBatch) -> list[SFTUnit]:
         o = self.options
         keys = [(self.seed, _STREAM, *k) for k in batch.row_keys()]
-        times = [row_times(o.num_times, torch.Generator().manual_seed(sample_seed(*key, 0)), o.time_min, o.time_max,
+        times = [stratified_times(o.num_times, torch.Generator().manual_seed(sample_seed(*key, 0)), o.time_min, o.time_max,
                            o.time_shift) for key in keys]
         return [SFTUnit(index=k, times=torch.stack([t[k] for t in times]),
                         noise_seeds=tuple(sample_seed(*key, k + 1) for key in keys)) for k in range(o.num_times)]
