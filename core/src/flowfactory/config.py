@@ -395,13 +395,13 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
     if cfg is not None and not problems:
         # Builds the sampler and the algorithm (cheap: no weights) to check they fit together.
         ctx = BuildContext(seed=cfg.seed)
+        algorithm = registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx)
         mismatch = sampler_mismatch(cfg, registry.get("sampler", cfg.sampler.name).create(options["sampler"], ctx),
-                                    registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx))
+                                    algorithm)
         if mismatch:
             problems.append(mismatch)
         else:
-            problems += dataset_problems(cfg, registry.get("optimizer", cfg.optimizer.name).create(
-                options["optimizer"], ctx), source)
+            problems += dataset_problems(cfg, algorithm, source)
     if problems:
         raise ConfigError(source, problems)
     assert cfg is not None
@@ -411,8 +411,8 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
 def dataset_problems(cfg: RunConfig, algorithm: Any, source: str) -> list[tuple[str, str]]:
     """For an algorithm that learns from target images (`requirements.source == "dataset"`): groups that hold
     whole sets of targets, no replay, and every training record with each target image it reads."""
-    need = getattr(algorithm, "requirements", None)
-    if need is None or getattr(need, "source", "rollouts") != "dataset":
+    need = algorithm.requirements  # an OptimizerHooks: sampler_mismatch refused anything else first
+    if need.source != "dataset":
         return []
     from flowfactory.train.data import load_prompts
 
