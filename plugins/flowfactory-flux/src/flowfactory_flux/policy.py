@@ -127,6 +127,22 @@ class FluxPolicy(DiffusersPolicyBase):
         return self._vae_decode(latents.to(device=self.device, dtype=self.vae.dtype),
                                 lambda image: (image.float() / 2 + 0.5).clamp(0, 1))
 
+    @torch.no_grad()
+    def encode_image(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Target images (float32 [3, h, w] in [0, 1], any size) to packed latents [B, seq, 4C], the inverse of
+        `decode`: fitted to height x width (shorter side scaled, centre crop), the VAE posterior's mean, shifted and
+        scaled as FluxPipeline's latents, packed."""
+        from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
+
+        from flowfactory.prompts import fit_image
+
+        pixels = torch.stack([fit_image(im.float(), self.height, self.width) for im in images]) * 2 - 1
+        latents = retrieve_latents(self.vae.encode(pixels.to(device=self.device, dtype=self.vae.dtype)),
+                                   sample_mode="argmax")
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        b, c, h, w = latents.shape
+        return FluxPipeline._pack_latents(latents, b, c, h, w).to(self.compute_dtype)
+
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""
         self._save_with_notes(
