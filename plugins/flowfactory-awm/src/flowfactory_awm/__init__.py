@@ -38,7 +38,8 @@ class AWMOptions(BaseModel):
     huber_delta: float = Field(1e-10, gt=0, description="delta of `huber` and `ghuber` (reference: 1e-10).")
     ghuber_power: float = Field(0.25, gt=0, description="p of `ghuber` (reference configs: 0.25).")
     clip_range: float = Field(1.0, gt=0, description="PPO clip c: the ratio is kept in [1 - c, 1 + c].")
-    adv_clip: float = Field(5.0, gt=0, description="Advantages clipped to [-c, c] inside the loss.")
+    adv_clip: float = Field(5.0, gt=0, description=(
+        "Advantages clipped to [-c, c] inside the loss, after the run's train.adv_clip (a no-op while c >= it)."))
     advantage_max: float | None = Field(None, gt=0, description=(
         "If set, the clipped advantages are rescaled by advantage_max / adv_clip (reference configs: 1)."))
     kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the reference policy (0 skips it).")

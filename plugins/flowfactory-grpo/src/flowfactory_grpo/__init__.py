@@ -15,7 +15,8 @@ from flowfactory import hookimpl
 class GRPOOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip: ratio kept in [1 - c, 1 + c].")
-    adv_clip: float = Field(5.0, gt=0, description="Advantages clipped to [-c, c] inside the loss.")
+    adv_clip: float = Field(5.0, gt=0, description=(
+        "Advantages clipped to [-c, c] inside the loss, after the run's train.adv_clip (a no-op while c >= it)."))
     kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the reference policy (0 disables).")
     kl_normalization: Literal["step", "flow-grpo"] = Field("step", description=(
         "What the KL's squared mean difference is divided by: `step` = 2 x the step's variance std_t^2 |dt| (the "

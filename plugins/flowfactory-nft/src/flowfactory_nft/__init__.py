@@ -19,7 +19,8 @@ class NFTOptions(BaseModel):
     beta: float = Field(1.0, gt=0, description=(
         "Implicit-policy strength: v+ = (1 - beta) v_old + beta v_theta, v- = (1 + beta) v_old - beta v_theta."))
     adv_clip: float = Field(5.0, gt=0, description=(
-        "Advantages clipped to [-c, c]; optimality probability r = 0.5 + 0.5 * clip(A, -c, c) / c."))
+        "Advantages clipped to [-c, c] (after the run's train.adv_clip) and scaled by it: optimality probability "
+        "r = 0.5 + 0.5 * clip(A, -c, c) / c."))
     kl_beta: float = Field(0.0, ge=0, description=(
         "Weight of mean (v_theta - v_ref)^2 to the reference policy (0 skips the reference forward)."))
     num_times: int | None = Field(None, ge=1, description=(
