@@ -393,6 +393,8 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
     if cfg is not None and not problems:
         problems += _cross_checks(cfg, source, processes)
     if cfg is not None and not problems:
+        problems += input_image_problems(cfg, options["policy"], source)
+    if cfg is not None and not problems:
         # Builds the sampler and the algorithm (cheap: no weights) to check they fit together.
         ctx = BuildContext(seed=cfg.seed)
         algorithm = registry.get("optimizer", cfg.optimizer.name).create(options["optimizer"], ctx)
@@ -406,6 +408,32 @@ def validate(data: dict[str, Any], source: str = "<config>", registry: Any = Non
         raise ConfigError(source, problems)
     assert cfg is not None
     return cfg, options
+
+
+def input_image_problems(cfg: RunConfig, policy_options: BaseModel, source: str) -> list[tuple[str, str]]:
+    """For a policy whose options declare `input_images = (least, most)` (a class attribute or property: an
+    editing model reads that many input images per prompt), the first record of data.train and of data.eval
+    that gives another number of them."""
+    need = getattr(policy_options, "input_images", None)
+    if need is None:
+        return []
+    from flowfactory.train.data import load_prompts
+
+    least, most = need
+    want = f"exactly {least}" if least == most else f"{least} to {most}"
+    probs = []
+    for key, spec in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if spec is None:
+            continue
+        records = load_prompts(spec, config_dir(source), key)
+        bad = [(i, r) for i, r in enumerate(records, 1) if not least <= len(r.images) <= most]
+        if bad:
+            i, r = bad[0]
+            more = f" (and {len(bad) - 1} more of its {len(records)})" if len(bad) > 1 else ""
+            probs.append((key, f"policy {cfg.policy.name!r} reads {want} input image(s) per prompt, but record {i} "
+                               f"({r.text!r}) has {len(r.images)}{more}: give each line of {spec} its input image(s) "
+                               f"('image' or 'images' in a .jsonl file; .txt files and built-in sets are text only)"))
+    return probs
 
 
 def dataset_problems(cfg: RunConfig, algorithm: Any, source: str) -> list[tuple[str, str]]:

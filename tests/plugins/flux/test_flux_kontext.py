@@ -196,3 +196,27 @@ def test_plan_matches_the_built_policy(spec: Any, policy: Any, sources: list[Pat
     assert plan.latent_shape == tuple(policy.latent_shape)
     cond = policy.encode([records(sources)[0]])
     assert {k: (tuple(v.shape[1:]), dtype_name(v.dtype)) for k, v in cond.items()} == dict(plan.conditioning)
+
+
+def test_validate_refuses_prompt_sets_without_one_source_each(tmp_path: Path) -> None:
+    """`input_images = (1, 1)` on the options: ff validate names the first record of each set without exactly
+    one input image, and accepts the example's sets."""
+    from flowfactory import config as ff_config
+    from flowfactory.errors import ConfigError
+
+    examples = Path(__file__).resolve().parents[3] / "examples"
+    src = write_sources(tmp_path)
+    lines = [{"prompt": "make it red", "image": src[0].name}, {"prompt": "two of them", "images": [p.name for p in src]}]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    base = {"policy": {"name": "flux-kontext", "options": {"preset": "tiny"}},
+            "sampler": {"name": "flow-sde", "options": {"steps": 2}}, "rewards": [{"name": "edit-colour"}],
+            "optimizer": {"name": "grpo"}, "train": {"prompts_per_epoch": 2, "group_size": 2}}
+    with pytest.raises(ConfigError) as info:
+        ff_config.validate({**base, "data": {"train": "red-blue", "eval": str(tmp_path / "mixed.jsonl")}}, "<test>")
+    text = str(info.value)
+    assert "data.train: policy 'flux-kontext' reads exactly 1 input image(s) per prompt, but record 1 " \
+           "('a red square') has 0 (and 7 more of its 8)" in text
+    assert "data.eval: policy 'flux-kontext' reads exactly 1 input image(s) per prompt, but record 2 " \
+           "('two of them') has 2" in text
+    ff_config.validate({**base, "data": {"train": str(examples / "prompts" / "kontext-edits-train.jsonl"),
+                                         "eval": str(examples / "prompts" / "kontext-edits-eval.jsonl")}}, "<test>")
