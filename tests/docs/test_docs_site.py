@@ -25,7 +25,9 @@ def test_docs_site_builds_strict_with_the_api_reference(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     pages = {p.parent.name for p in site.glob("*/index.html")}
     assert {"architecture", "config", "hooks"} <= pages
-    reference = {name: (site / "api" / name / "index.html").read_text() for name in ("types", "hookspecs", "testing")}
+    reference = {name: (site / "api" / name / "index.html").read_text()
+                 for name in ("types", "hookspecs", "testing", "algorithms")}
     assert 'id="flowfactory.types.Policy.velocity"' in reference["types"]
     assert 'id="flowfactory.hookspecs.register_policies"' in reference["hookspecs"]
     assert 'id="flowfactory.testing.contracts.PolicyContract"' in reference["testing"]
+    assert 'id="flowfactory.algorithms.clipped_surrogate"' in reference["algorithms"]
