@@ -14,7 +14,7 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,9 +80,14 @@ def _module_digest(module: nn.Module) -> str:
 
 
 def _tokenizer_digest(tokenizer: Any) -> str:
-    """sha256 of a tokenizer's full serialisation (vocabulary, merges or scores, normalisers, special tokens)."""
+    """sha256 of a tokenizer's full serialisation (vocabulary, merges or scores, normalisers, special tokens), less
+    its padding and truncation settings: those are the state of the last call (a padded call sets them)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        serialised = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+        text = json.dumps(serialised, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     extra = json.dumps({"class": type(tokenizer).__name__, "max": getattr(tokenizer, "model_max_length", None),
                         "special": getattr(tokenizer, "special_tokens_map", None)}, sort_keys=True, default=str)
     return hashlib.sha256((text + extra).encode()).hexdigest()
@@ -489,9 +494,11 @@ TRANSFORMERS = ("transformer", "transformer_2")  # pipeline components that are 
 
 
 def load_or_build(options: Any, ctx: BuildContext, pipeline_cls: type, tiny: Callable[[], Any], *, policy: str,
-                  example: str, gated: str = "") -> tuple[Any, bool]:
+                  example: str, gated: str = "",
+                  components: Mapping[str, Callable[[Path], Any]] | None = None) -> tuple[Any, bool]:
     """The policy's pipeline and whether it is the tiny preset: `tiny()` for `preset: tiny`, else
-    `pipeline_cls.from_pretrained(options.model)` (errors name the `model` option; see `load_pipeline`).
+    `pipeline_cls.from_pretrained(options.model)` (errors name the `model` option; `components`: parts the policy
+    loads itself; see `load_pipeline`).
 
     Dtypes: frozen parts (text encoders, VAE) get `resolve_dtype`; the transformer(s) the same under LoRA (the
     base weights; adapters are float32), float32 for a full finetune (master weights; mixed precision is
@@ -507,7 +514,7 @@ def load_or_build(options: Any, ctx: BuildContext, pipeline_cls: type, tiny: Cal
     assert options.model is not None  # the options validator guarantees one of model/preset
     dtypes = {**dict.fromkeys(TRANSFORMERS, transformer_dtype), "default": dtype}
     return load_pipeline(pipeline_cls, options.model, options.revision, dtypes, policy=policy, example=example,
-                         gated=gated, defer_text_encoders=True), False
+                         gated=gated, defer_text_encoders=True, components=components), False
 
 
 def training_kwargs(options: Any, ctx: BuildContext) -> dict[str, Any]:
@@ -539,13 +546,16 @@ def quiet_loading() -> Iterator[None]:
 
 
 def load_pipeline(pipeline_cls: type, model: str, revision: str | None, dtype: dict[str, torch.dtype], *,
-                  policy: str, example: str, gated: str = "", defer_text_encoders: bool = False) -> Any:
+                  policy: str, example: str, gated: str = "", defer_text_encoders: bool = False,
+                  components: Mapping[str, Callable[[Path], Any]] | None = None) -> Any:
     """`pipeline_cls.from_pretrained` with errors that name the policy's `model` option and the fix.
 
     `example` is a hub id to suggest; `gated` an extra hint for access errors (e.g. "FLUX.1-dev is gated").
     A hub id is first fetched (or found in the cache) as a snapshot folder, which is then loaded. The pipeline
     carries a `PipelineSource` (`_flowfactory_source`); with `defer_text_encoders` its text encoders are left
-    out (`text_encoder=None`, ...) and recorded there, for the policy to load on its first encode."""
+    out (`text_encoder=None`, ...) and recorded there, for the policy to load on its first encode. `components`
+    maps a component's name to a function of its folder that loads it, for parts the policy loads its own way
+    (e.g. a processor whose stock loader needs a package for inputs the policy never gives it)."""
     cls_name = pipeline_cls.__name__
     path = Path(os.path.expanduser(model))
     is_local = path.exists() or not HUB_ID.match(model)
@@ -565,7 +575,9 @@ def load_pipeline(pipeline_cls: type, model: str, revision: str | None, dtype: d
             deferred = {name: (str(spec[0]), str(spec[1])) for name, spec in index.items()
                         if defer_text_encoders and name.startswith(TEXT_ENCODER) and isinstance(spec, list)
                         and len(spec) == 2 and spec[0] is not None and spec[1] is not None}
-            pipe = pipeline_cls.from_pretrained(str(folder), **dict.fromkeys(deferred), **{dtype_keyword(): dtype})
+            own = {name: load(folder / name) for name, load in (components or {}).items()}
+            pipe = pipeline_cls.from_pretrained(str(folder), **dict.fromkeys(deferred), **own,
+                                                **{dtype_keyword(): dtype})
         if not is_local:
             pipe.register_to_config(_name_or_path=model)  # the hub id, not the cache folder, names the base
         pipe._flowfactory_source = PipelineSource(model, revision, folder.resolve(), dtype["default"], policy,

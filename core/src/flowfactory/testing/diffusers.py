@@ -192,6 +192,13 @@ class DiffusersPolicyContract(_ComponentContract):
         assert lora is not None, f"{model.__name__} has no `lora` option with a pydantic model"
         return model, lora
 
+    @staticmethod
+    def options_models_of(spec: Any) -> list[tuple[type[BaseModel], type[BaseModel]]]:
+        """[(options model, its `lora` option's model)] of a registered policy spec (empty without a `lora`)."""
+        model = spec.options
+        lora = _model_in(model.model_fields["lora"].annotation) if "lora" in model.model_fields else None
+        return [(model, lora)] if lora is not None else []
+
     def stock_pipeline(self, folder: Path, policy: Any) -> Any:
         """The stock pipeline loaded from `folder`, set up as `policy` runs (override for a pipeline setting
         that is not saved)."""
@@ -283,21 +290,36 @@ class DiffusersPolicyContract(_ComponentContract):
             assert undocumented == [], f"{model.__name__}: {undocumented}"
 
     def test_readme_configs_validate_and_table_lists_every_option(self, registry: Registry) -> None:
+        """A package README may document several of its policies (a model and its variants): each yaml block
+        validates against the options of the policy it names, which must be one of the package's; at least two
+        name this one; the option tables list every option of this policy and nothing no policy of the package
+        has."""
         if self.readme is None:
             pytest.skip("no `readme` set")
         model, lora = self.options_models(registry)
+        spec = registry.get(self.kind, self._name())
+        siblings = {name: registry.get(self.kind, name) for name in registry.names(self.kind)}
+        siblings = {name: s for name, s in siblings.items() if s.package == spec.package}
         text = Path(self.readme).read_text()
         blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
-        assert len(blocks) >= 2
         import yaml
 
+        own = 0
         for block in blocks:
             policy = yaml.safe_load(block)["policy"]
-            assert policy["name"] == self.component
-            model.model_validate(policy["options"])
+            assert policy["name"] in siblings, f"{policy['name']!r} is not a policy of {spec.package}"
+            siblings[policy["name"]].options.model_validate(policy["options"])
+            own += policy["name"] == self.component
+        assert own >= 2, f"the README has {own} yaml config(s) of {self.component}; give at least two"
         rows = set(re.findall(r"^\| `([\w.]+)`(?:, `([\w.]+)`)? \|", text, flags=re.M))
         documented = {key for row in rows for key in row if key}
-        assert documented == set(model.model_fields) | {f"lora.{k}" for k in lora.model_fields}
+        expected = set(model.model_fields) | {f"lora.{k}" for k in lora.model_fields}
+        assert expected <= documented, f"undocumented options: {sorted(expected - documented)}"
+        known: set[str] = set()
+        for sibling in siblings.values():
+            for options, lora_options in self.options_models_of(sibling):
+                known |= set(options.model_fields) | {f"lora.{k}" for k in lora_options.model_fields}
+        assert documented <= known, f"documented options no policy of {spec.package} has: {sorted(documented - known)}"
 
     def test_entry_point_imports_no_torch(self, registry: Registry) -> None:
         module = self.entry_module or registry.get(self.kind, self._name()).package.replace("-", "_")
