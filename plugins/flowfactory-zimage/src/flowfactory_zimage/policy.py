@@ -215,6 +215,19 @@ class ZImagePolicy(DiffusersPolicyBase):
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         return self._vae_decode(latents, lambda image: (image.float() / 2 + 0.5).clamp(0, 1))
 
+    @torch.no_grad()
+    def encode_image(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Target images (float32 [3, h, w] in [0, 1], any size) to latents [B, C, h, w], the inverse of `decode`
+        for dataset algorithms (sft, offline dpo): fitted to height x width (shorter side scaled, centre crop), the
+        VAE posterior's mean, shifted and scaled as ZImageImg2ImgPipeline prepares image latents; float32 as
+        `noise`."""
+        from flowfactory.prompts import fit_image
+
+        pixels = torch.stack([fit_image(im.float(), self.height, self.width) for im in images]) * 2 - 1
+        mean = self.vae.encode(pixels.to(device=self.device, dtype=self.vae.dtype)).latent_dist.mean
+        latents = (mean - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return latents.to(torch.float32)
+
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""
         cfg = (f"negative_prompt={self.negative_prompt!r}, cfg_normalization={self.cfg_normalization}, "
