@@ -1,7 +1,8 @@
 """A policy's ODE rollout + decode against its stock diffusers pipeline's __call__, in the same process.
 
-Policies (`--policy NAME`): flux (FluxPipeline), sd3 (StableDiffusion3Pipeline), qwen-image
-(QwenImagePipeline, true CFG) and wan (WanPipeline, videos: the image difference is over every frame).
+Policies (`--policy NAME`): flux (FluxPipeline), flux-kontext (FluxKontextPipeline: each prompt is a record
+with a source image, which both sides encode), sd3 (StableDiffusion3Pipeline), qwen-image (QwenImagePipeline,
+true CFG) and wan (WanPipeline, videos: the image difference is over every frame).
 
 Both sides start from the same prompts and packed latents, use the same weights (the tiny preset's seed,
 built once for the policy and once, independently, for a stock pipeline; or the same `--model` folder),
@@ -22,20 +23,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from flowfactory.plugins import load
 from flowfactory.policies import quiet_transformers
+from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import ODESampler
 
 with quiet_transformers():  # no torchvision warnings for image processors these pipelines never use
-    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline
+    from diffusers import FluxKontextPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline
 
 PROMPTS = ["a red square", "a blue circle", "a green car", "a yellow star"]
 
@@ -54,6 +59,9 @@ class Stock:
     call: Callable[[Any], dict[str, Any]]  # extra __call__ arguments taken from the policy
     output: str = "images"  # the pipeline output's field: images [B, C, H, W] or frames [B, T, C, H, W]
     prepare: Callable[[Any, Any], None] = lambda pipe, pol: None  # adjust the loaded pipeline to the policy
+    builder: str = "build_tiny_pipeline"  # the tiny module's builder of this pipeline
+    # (policy, records) -> __call__ arguments carrying the records' input images; None: text prompts only
+    inputs: Callable[[Any, list[Prompt]], dict[str, Any]] | None = None
 
 
 def _qwen_prefix(pipe: Any, pol: Any) -> None:
@@ -69,8 +77,36 @@ def _wan_call(pol: Any) -> dict[str, Any]:
     return extra
 
 
+def _kontext_inputs(pol: Any, records: list[Prompt]) -> dict[str, Any]:
+    # each source resized to the policy's size as the policy does (PIL Lanczos), no further resizing
+    from PIL import Image
+
+    images = []
+    for r in records:
+        with Image.open(r.images[0]) as im:
+            images.append(im.convert("RGB").resize((pol.width, pol.height), Image.LANCZOS))
+    return {"image": images, "max_area": pol.height * pol.width, "_auto_resize": False}
+
+
+def edit_records(texts_: list[str], folder: Path, size: int = 32) -> list[Prompt]:
+    """One record per text, each with its own source PNG (a square of the text's index colour on noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i, text in enumerate(texts_):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        pixels[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = ((i * 67) % 256, (i * 131) % 256, 200)
+        Image.fromarray(pixels).save(folder / f"source-{i}.png")
+        out.append(Prompt(text, images=[folder / f"source-{i}.png"]))
+    return out
+
+
 PIPELINES: dict[str, Stock] = {
     "flux": Stock(FluxPipeline, "flowfactory_flux.tiny", lambda pol: {"guidance_scale": pol.guidance_scale}),
+    "flux-kontext": Stock(FluxKontextPipeline, "flowfactory_flux.tiny",
+                          lambda pol: {"guidance_scale": pol.guidance_scale}, builder="build_tiny_kontext_pipeline",
+                          inputs=_kontext_inputs),
     "sd3": Stock(StableDiffusion3Pipeline, "flowfactory_sd3.tiny",
                  lambda pol: {"guidance_scale": pol.guidance_scale, "negative_prompt": _cfg_negative(pol)}),
     "qwen-image": Stock(QwenImagePipeline, "flowfactory_qwen_image.tiny",
@@ -127,7 +163,7 @@ def main() -> None:
     if args.model:
         pipe = stock.pipeline.from_pretrained(args.model, dtype=dtypes)
     else:
-        pipe = importlib.import_module(stock.tiny_module).build_tiny_pipeline(args.seed)
+        pipe = getattr(importlib.import_module(stock.tiny_module), stock.builder)(args.seed)
         for name, part in pipe.components.items():
             want = dtypes.get(name, dtypes["default"])
             if isinstance(part, torch.nn.Module) and part.dtype != want:
@@ -136,7 +172,12 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     stock.prepare(pipe, policy)
 
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    prompts: list[Any] = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    extra: dict[str, Any] = {}
+    if stock.inputs is not None:  # an editing policy: records with source images, which both sides encode
+        sources = tempfile.TemporaryDirectory(prefix="ff-rollout-")  # removed when main returns
+        prompts = edit_records(prompts, Path(sources.name))
+        extra = stock.inputs(policy, prompts)
     gens = [torch.Generator().manual_seed(args.seed * 100_000 + i) for i in range(args.batch)]
     z = policy.noise(gens)
     sampler = ODESampler(args.steps)
@@ -147,9 +188,9 @@ def main() -> None:
         return policy.decode(traj.final)
 
     def theirs() -> torch.Tensor:
-        out = pipe(prompts, height=policy.height, width=policy.width, num_inference_steps=args.steps,
+        out = pipe(prompt=texts(prompts), height=policy.height, width=policy.width, num_inference_steps=args.steps,
                    max_sequence_length=policy.max_sequence_length, latents=z.clone(), output_type="pt",
-                   **stock.call(policy))
+                   **stock.call(policy), **extra)
         return getattr(out, stock.output)
 
     times: dict[str, list[float]] = {"ours": [], "pipeline": []}

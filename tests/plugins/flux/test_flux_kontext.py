@@ -220,3 +220,23 @@ def test_validate_refuses_prompt_sets_without_one_source_each(tmp_path: Path) ->
            "('two of them') has 2" in text
     ff_config.validate({**base, "data": {"train": str(examples / "prompts" / "kontext-edits-train.jsonl"),
                                          "eval": str(examples / "prompts" / "kontext-edits-eval.jsonl")}}, "<test>")
+
+
+def test_plan_of_the_kontext_dev_configs() -> None:
+    """FLUX.1-Kontext-dev's stored configs (tests/data/model-configs, no weights): FLUX.1-dev's 11.9B transformer,
+    and per prompt the source latents [1024, 64] bfloat16 beside T5's [512, 4096] and CLIP's pooled [768]."""
+    from flowfactory import config as ff_config
+    from flowfactory.plan import plan_memory
+
+    examples = Path(__file__).resolve().parents[3] / "examples"
+    folder = Path(__file__).resolve().parents[2] / "data" / "model-configs" / "flux.1-kontext-dev"
+    data = {"policy": {"name": "flux-kontext", "options": {"model": str(folder), "lora": {"rank": 32}}},
+            "sampler": {"name": "flow-sde", "options": {"steps": 3}}, "rewards": [{"name": "edit-colour"}],
+            "optimizer": {"name": "grpo"}, "train": {"prompts_per_epoch": 8, "group_size": 2},
+            "data": {"train": str(examples / "prompts" / "kontext-edits-train.jsonl"), "eval": None}}
+    cfg, options = ff_config.validate(data, "<test>")
+    plan = plan_memory(cfg, options, load(strict=True).registry)
+    transformer = next(p for p in plan.parts if p.name == "transformer")
+    assert transformer.parameters - transformer.trainable_elements == 11_901_408_320
+    assert "[1024, 64] bfloat16" in plan.row("rollout buffer").detail
+    assert plan.row("conditioning cache").bytes == 8 * 2 * (512 * 4096 + 768 + 1024 * 64)  # 8 distinct records
