@@ -4,8 +4,8 @@ The loop's own path (`Recipe.update`) runs an epoch of the toy policy split into
 gradient, taken before clipping and before the optimizer moves the weights, is compared with a computation
 written here from scratch, on the same weights, the way Flow-GRPO's and Flow-Factory's training loops do it:
 
-- the epoch's rollouts are shuffled once and cut into `steps_per_epoch` equal chunks of rows; step j uses
-  chunk j (rows, not groups: a group may be split);
+- the epoch's rollouts are partitioned into `steps_per_epoch` equal sets of rows, step j using set j (rows, not
+  groups: a group is split; the loop's partition is read from `Recipe.micro_batches`, a stratified shuffle);
 - advantages are computed once per epoch from every rollout's reward (group mean and std), then clipped;
 - every step's ratio is exp(l_theta - l_old) with l_old the log-probability stored at sampling time (never
   recomputed after step 1), and the clip is against it;

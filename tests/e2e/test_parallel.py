@@ -73,11 +73,14 @@ def assert_same_run(a: Path, b: Path, atol: float) -> None:
         "type": "sliding", "every_epochs": 1}}}}, 1e-5),  # MixGRPO: grpo over a window that moves every epoch
     # reward back-propagation through 2 checkpointed steps and the decode
     ({"sampler": ODE6, "optimizer": {"name": "draft", "options": {"k": 2}}}, 1e-5),
-], ids=["grpo", "nft", "awm", "awm-default", "grpo-kl", "mixgrpo", "draft"])
+    # two optimizer steps per epoch: which step a rollout trains in does not depend on the process count
+    ({"train": {"steps_per_epoch": 2, "micro_batch_size": 4}}, 1e-5),
+], ids=["grpo", "nft", "awm", "awm-default", "grpo-kl", "mixgrpo", "draft", "grpo-2-steps"])
 def test_fsdp_two_processes_equal_one_process(toy_registry, toy_config, tmp_path, sections, atol):
     """FSDP2 over 2 processes (every parameter sharded in two) ends with the 1-process weights, rewards and eval."""
-    path = toy_config(train={"epochs": 4, "eval_every": 2, "sample_every": 0, "checkpoint_every": 0, **FSDP},
-                      **sections)
+    sections = dict(sections)
+    path = toy_config(train={"epochs": 4, "eval_every": 2, "sample_every": 0, "checkpoint_every": 0, **FSDP,
+                             **sections.pop("train", {})}, **sections)
     train(path, tmp_path / "one")
     torchrun(path, tmp_path / "two", port=free_port())
     assert_same_run(tmp_path / "one", tmp_path / "two", atol)

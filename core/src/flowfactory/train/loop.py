@@ -597,17 +597,26 @@ class Recipe:
 
     def micro_batches(self, epoch: int, inner: int, roll: Rollouts, advantages: torch.Tensor,
                       local: range) -> list[list[TrainBatch]]:
-        """For each optimizer step of this inner epoch, its micro-batches: rows shuffled by (seed, epoch, inner,
-        rank), split into steps, then into micro-batches. An algorithm that needs whole groups
-        (`Requirements.whole_groups`) gets the groups shuffled instead, each kept together and in order."""
-        t = self.t
-        per_step = self.n_local // t.steps_per_epoch
+        """For each optimizer step of this inner epoch, its micro-batches. The units are rows, or whole groups for
+        an algorithm that needs them (`Requirements.whole_groups`; each group kept together and in order).
+
+        One step: the units shuffled by (seed, epoch, inner, rank), then split into micro-batches. S > 1 steps:
+        which step a unit trains in does not depend on the process count, so N processes make the same updates as
+        one. The global units are cut into consecutive tiles of S, and a permutation drawn from (seed, epoch,
+        inner, tile) sends each unit of a tile to a different step; each process holds whole tiles (its units
+        split evenly into the steps, checked at `ff validate`), so every step takes one unit of every tile. Within
+        a step, this process's units come in its shuffled order."""
+        t, S = self.t, self.t.steps_per_epoch
+        per_step = self.n_local // S
+        size = t.group_size if self.algorithm.requirements.whole_groups else 1  # local rows start on a group boundary
+        n_units, first = self.n_local // size, local.start // size
         rng = np.random.default_rng([self.cfg.seed, epoch, 2, inner, self.rank])
-        if self.algorithm.requirements.whole_groups:  # local rows start on a group boundary
-            groups = rng.permutation(self.n_local // t.group_size)
-            order = torch.from_numpy((groups[:, None] * t.group_size + np.arange(t.group_size)).reshape(-1))
-        else:
-            order = torch.from_numpy(rng.permutation(self.n_local))
+        units = rng.permutation(n_units)
+        if S > 1:
+            step_of = np.concatenate([np.random.default_rng([self.cfg.seed, epoch, 2, inner, S, tile]).permutation(S)
+                                      for tile in range(first // S, (first + n_units) // S)])
+            units = np.concatenate([units[step_of[units] == s] for s in range(S)])
+        order = torch.from_numpy((units[:, None] * size + np.arange(size)).reshape(-1))
         group_ids = torch.tensor(roll.group_ids, dtype=torch.long)
         rewards = getattr(self, "epoch_rewards", None)
         steps = []
