@@ -4,7 +4,9 @@ What is Wan's own lives here: the UMT5 encoder (`encode_prompt`), CFG with a neg
 flow shift, latents [C, F', h, w] of the causal video VAE (normalised by its per-channel mean/std), and the
 expert switch of Wan 2.2: the first (high-noise) expert acts while timestep >= boundary_ratio x 1000, the
 second below; the acting expert's velocity is used and trained. `module` holds both experts (`WanExperts`).
-LoRA helpers, dtype resolution and loading are the shared `flowfactory.policies.diffusers`.
+LoRA helpers, dtype resolution and loading are the shared `flowfactory.policies.diffusers`. The image-to-video
+variant (`flowfactory_wan.i2v.WanI2VPolicy`) subclasses this one through the hooks `_check_pipeline`,
+`_latent_channels`, `_frozen_parts`, `_model_input`, `_image_embeds` and `_readme_call`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from diffusers import WanPipeline
@@ -50,13 +53,14 @@ class WanExperts(nn.Module):
         return [m for m in (self.transformer, self.transformer_2) if m is not None]
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                expert: int = 0) -> torch.Tensor:
-        """Velocity of expert `expert` (0: transformer, 1: transformer_2)."""
+                expert: int = 0, encoder_hidden_states_image: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity of expert `expert` (0: transformer, 1: transformer_2); `encoder_hidden_states_image`: the
+        CLIP image states of Wan 2.1 image-to-video."""
         net = self.transformer if expert == 0 else self.transformer_2
         if net is None:
             raise ValueError(f"WanExperts: expert {expert} does not exist")
         return net(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                   return_dict=False)[0]
+                   encoder_hidden_states_image=encoder_hidden_states_image, return_dict=False)[0]
 
 
 class WanPolicy(DiffusersPolicyBase):
@@ -66,10 +70,11 @@ class WanPolicy(DiffusersPolicyBase):
     lora_target_hint = ("Wan attention projections are to_q, to_k, to_v, to_out.0 (attn1: self, attn2: cross); "
                         "feed-forward: ffn.net.0.proj, ffn.net.2")
     encode_options = ("max_sequence_length", "negative_prompt", "do_cfg")
+    pipeline_class: ClassVar[type] = WanPipeline
 
     def __init__(
         self,
-        pipe: WanPipeline,
+        pipe: Any,
         *,
         height: int,
         width: int,
@@ -89,10 +94,13 @@ class WanPolicy(DiffusersPolicyBase):
         vae_decode_chunk: int | None = None,
     ):
         if pipe.transformer is None:
-            raise FlowFactoryError("wan policy: the pipeline has no `transformer`; Wan 2.2 single-stage variants "
-                                   "without the high-noise expert are not supported")
+            raise FlowFactoryError(f"{self.name} policy: the pipeline has no `transformer`; Wan 2.2 single-stage "
+                                   f"variants without the high-noise expert are not supported")
         if getattr(pipe.config, "expand_timesteps", False):
-            raise FlowFactoryError("wan policy: expand_timesteps pipelines (Wan 2.2 TI2V-5B) are not supported")
+            raise FlowFactoryError(
+                f"{self.name} policy: expand_timesteps pipelines (Wan 2.2 TI2V-5B) are not supported: they hold the "
+                f"first latent frame to the input image's latents and give each token its own timestep, a schedule "
+                f"that a velocity over the whole latent video and a decode without the conditioning cannot follow")
         scheduler_config = dict(pipe.scheduler.config)
         if shift is not None:
             key = "flow_shift" if "flow_shift" in scheduler_config else "shift"
@@ -104,28 +112,29 @@ class WanPolicy(DiffusersPolicyBase):
         self.guidance_scale = guidance_scale
         self.guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         self.negative_prompt = negative_prompt
+        self._check_pipeline(pipe)
         config = pipe.transformer.config
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         patch = max(config.patch_size[1:])  # (1, 2, 2) in every Wan release
         self._check_multiple(spatial * patch, f"the VAE's spatial factor {spatial} x patch size {patch}")
         if (num_frames - 1) % temporal:
             raise FlowFactoryError(
-                f"wan policy option num_frames={num_frames}: num_frames - 1 must be a multiple of the VAE's temporal "
+                f"{self.name} policy option num_frames={num_frames}: num_frames - 1 must be a multiple of the VAE's temporal "
                 f"factor {temporal}; try num_frames: {(num_frames - 1) // temporal * temporal + 1}")
         self.latent_shape: tuple[int, ...] = (
-            config.in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+            self._latent_channels(pipe), (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
         self.transformer_2: nn.Module | None = getattr(pipe, "transformer_2", None)
         ratio = boundary_ratio if boundary_ratio is not None else pipe.config.get("boundary_ratio")
         if self.transformer_2 is None and boundary_ratio is not None:
-            raise FlowFactoryError("wan policy option boundary_ratio: the pipeline has a single expert (Wan 2.1); "
-                                   "remove the option")
+            raise FlowFactoryError(f"{self.name} policy option boundary_ratio: the pipeline has a single expert "
+                                   f"(Wan 2.1); remove the option")
         if self.transformer_2 is not None and ratio is None:
-            raise FlowFactoryError("wan policy: the pipeline has transformer_2 but no boundary_ratio; set the "
-                                   "`boundary_ratio` option (0.875 for Wan 2.2 A14B T2V)")
+            raise FlowFactoryError(f"{self.name} policy: the pipeline has transformer_2 but no boundary_ratio; set "
+                                   f"the `boundary_ratio` option (0.875 for Wan 2.2 A14B T2V, 0.9 for I2V)")
         self.boundary_ratio: float | None = ratio if self.transformer_2 is not None else None
         self._num_train_timesteps = int(self._scheduler.config.num_train_timesteps)
 
-        self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
+        self._setup_training(pipe.transformer, self._frozen_parts(pipe), lora=lora, seed=seed,
                              gradient_checkpointing=gradient_checkpointing, reference=reference)
         frozen_copy, frozen_copy_2 = self._frozen_copy, None
         if self.transformer_2 is not None:
@@ -144,6 +153,39 @@ class WanPolicy(DiffusersPolicyBase):
             self._frozen_copy = WanExperts(frozen_copy, frozen_copy_2)
         self.module = self.experts
         self.to(self.device)
+
+    # -- what the image-to-video variant changes -------------------------------------------------------------
+
+    def _check_pipeline(self, pipe: Any) -> None:
+        """Refuse a pipeline this policy cannot run, before anything is set up: here, an image-to-video
+        transformer (it reads image latents beside the noise, so its input channels exceed the VAE's)."""
+        channels, z_dim = pipe.transformer.config.in_channels, pipe.vae.config.z_dim
+        if channels != z_dim:
+            raise FlowFactoryError(
+                f"{self.name} policy: the transformer takes {channels} input channels but the VAE's latents have "
+                f"{z_dim}: this is an image-to-video model (Wan I2V / FLF2V); use the wan-i2v policy")
+
+    def _latent_channels(self, pipe: Any) -> int:
+        """Channels of the latents drawn, integrated and decoded (WanPipeline: the transformer's in_channels)."""
+        return int(pipe.transformer.config.in_channels)
+
+    def _frozen_parts(self, pipe: Any) -> list[nn.Module | None]:
+        """The modules that never train (None: a text encoder deferred until the first encode)."""
+        return [pipe.text_encoder, self.vae]
+
+    def _model_input(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The transformer's hidden_states for latents x (before the cast to the compute dtype): x itself."""
+        return x
+
+    def _image_embeds(self, cond: Conditioning, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The transformer's encoder_hidden_states_image: none for text-to-video."""
+        return None
+
+    def _readme_call(self) -> str:
+        """The pipeline call of a save's README."""
+        return (f"video = pipe(prompt, negative_prompt={self.negative_prompt!r}, height={self.height}, "
+                f"width={self.width}, num_frames={self.num_frames}, max_sequence_length={self.max_sequence_length}, "
+                f"guidance_scale={self.guidance_scale}).frames[0]")
 
     @property
     def do_cfg(self) -> bool:
@@ -236,15 +278,17 @@ class WanPolicy(DiffusersPolicyBase):
         scale = self.guidance_scale if expert == 0 else self.guidance_scale_2
         timestep = sigma * self._num_train_timesteps  # WanPipeline feeds scheduler.timesteps = sigmas x 1000
         embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
-        hidden = x.to(dtype)
+        hidden = self._model_input(x, cond).to(dtype)
+        image = self._image_embeds(cond, device, dtype)
         cfg = self.do_cfg
         if cfg:  # one batch, conditional rows first
             if "negative_prompt_embeds" not in cond:
-                raise KeyError("wan velocity: guidance_scale > 1 needs the negative prompt embeddings that encode() "
-                               "returns; re-encode the prompts with this policy")
+                raise KeyError(f"{self.name} velocity: guidance_scale > 1 needs the negative prompt embeddings that "
+                               f"encode() returns; re-encode the prompts with this policy")
             embeds = torch.cat([embeds, cond["negative_prompt_embeds"].to(device=device, dtype=dtype)])
             hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
-        out = self._network()(hidden, timestep, embeds, expert)
+            image = None if image is None else torch.cat([image, image])
+        out = self._network()(hidden, timestep, embeds, expert, encoder_hidden_states_image=image)
         if cfg:
             text, uncond = out.chunk(2)
             out = uncond + scale * (text - uncond)
@@ -265,13 +309,15 @@ class WanPolicy(DiffusersPolicyBase):
         """LoRA: diffusers LoRA files (`pipe.load_lora_weights(dir)`, the second expert's from dir/transformer_2
         with load_into_transformer_2=True); full: `dir/transformer` (and `dir/transformer_2`) model folders."""
         out = Path(directory)
-        kind = self._save_weights(out, WanPipeline)
+        pipeline_class = self.pipeline_class
+        name = pipeline_class.__name__
+        kind = self._save_weights(out, pipeline_class)
         two = self.transformer_2 is not None
         if kind == "lora":
-            load = ("pipe = WanPipeline.from_pretrained(BASE, dtype=torch.bfloat16)\n"
+            load = (f"pipe = {name}.from_pretrained(BASE, dtype=torch.bfloat16)\n"
                     f"pipe.load_lora_weights({str(out)!r})")
             if two:
-                save_lora(WanPipeline, self.transformer_2, out / "transformer_2")
+                save_lora(pipeline_class, self.transformer_2, out / "transformer_2")
                 load += f"\npipe.load_lora_weights({str(out / 'transformer_2')!r}, load_into_transformer_2=True)"
         else:
             load = (f"transformer = WanTransformer3DModel.from_pretrained({str(out / 'transformer')!r}, "
@@ -282,20 +328,17 @@ class WanPolicy(DiffusersPolicyBase):
                 load += (f"transformer_2 = WanTransformer3DModel.from_pretrained("
                          f"{str(out / 'transformer_2')!r}, dtype=torch.bfloat16)\n")
                 parts += ", transformer_2=transformer_2"
-            load += f"pipe = WanPipeline.from_pretrained(BASE, {parts}, dtype=torch.bfloat16)"
-        info = {"policy": "wan", "kind": kind, "experts": 2 if two else 1, "height": self.height,
+            load += f"pipe = {name}.from_pretrained(BASE, {parts}, dtype=torch.bfloat16)"
+        info = {"policy": self.name, "kind": kind, "experts": 2 if two else 1, "height": self.height,
                 "width": self.width, "num_frames": self.num_frames, "max_sequence_length": self.max_sequence_length,
                 "guidance_scale": self.guidance_scale, "guidance_scale_2": self.guidance_scale_2 if two else None,
                 "boundary_ratio": self.boundary_ratio, "negative_prompt": self.negative_prompt,
                 "shift": self._scheduler.config.get("flow_shift", self._scheduler.config.get("shift")),
                 "base": self.pipe.config.get("_name_or_path") or None}
         write_notes(out, info,
-            f"# flowfactory wan policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE being the "
-            f"base WanPipeline (hub id or folder):\n\n```python\nimport torch\n"
-            f"from diffusers import WanPipeline, WanTransformer3DModel\n{load}\n"
-            f"video = pipe(prompt, negative_prompt={self.negative_prompt!r}, height={self.height}, "
-            f"width={self.width}, num_frames={self.num_frames}, max_sequence_length={self.max_sequence_length}, "
-            f"guidance_scale={self.guidance_scale}).frames[0]\n```\n")
+            f"# flowfactory {self.name} policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE "
+            f"being the base {name} (hub id or folder):\n\n```python\nimport torch\n"
+            f"from diffusers import {name}, WanTransformer3DModel\n{load}\n{self._readme_call()}\n```\n")
 
 
 def build_policy(options: WanOptions, ctx: BuildContext) -> WanPolicy:
