@@ -60,7 +60,7 @@ class TestFluxKontextDiffusers(DiffusersPolicyContract):
     model_options = {"height": SIZE, "width": SIZE, "max_sequence_length": 32}
     bad_options = (*COMMON_BAD_OPTIONS, ({"preset": "tiny", "max_sequence_length": 513}, "max_sequence_length"))
     encode_option_changes = ({"max_sequence_length": 12}, {"dtype": "bfloat16"}, {"height": 16, "width": 16})
-    readme = None  # the package README's configs and option table are flux's (test_flux_diffusers.py checks them)
+    readme = Path(__file__).resolve().parents[3] / "plugins" / "flowfactory-flux" / "README.md"
 
     @pytest.fixture(scope="class", autouse=True)
     @classmethod
