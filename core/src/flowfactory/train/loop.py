@@ -437,9 +437,9 @@ class Recipe:
         adv_all, reward_all = compute_advantages(gathered, weights, group_ids, std=self.t.adv_std,
                                                  clip=self.t.adv_clip, combine=self.t.reward_combine)
         advantages = adv_all[local.start:local.stop].to(self.device)
-        self.epoch_rewards = reward_all[local.start:local.stop].to(self.device)
+        rewards = reward_all[local.start:local.stop].to(self.device)
 
-        stats = self.update(epoch, roll, advantages, local)
+        stats = self.update(epoch, roll, advantages, local, rewards)
         period = self.cfg.eval.kl_period()
         if period and epoch % period == 0:
             stats["kl/reference"] = self.estimate_kl(epoch, roll, local)
@@ -563,7 +563,8 @@ class Recipe:
         chunk = math.ceil(t.rollout_batch_size / t.group_size) * t.group_size
         return ChunkScorer(self.rewards, prompts, group_ids, chunk, overlap=t.overlap_rewards)
 
-    def update(self, epoch: int, roll: Rollouts, advantages: torch.Tensor, local: range) -> dict[str, float]:
+    def update(self, epoch: int, roll: Rollouts, advantages: torch.Tensor, local: range,
+               rewards: torch.Tensor | None = None) -> dict[str, float]:
         """Inner epochs x optimizer steps x micro-batches x the algorithm's units. The gradient of a step is the
         mean over every (sample, unit) of the global step, whatever the process count or micro-batch size."""
         t = self.t
@@ -573,7 +574,7 @@ class Recipe:
         per_step = self.n_local // t.steps_per_epoch
         skipped = 0
         for inner in range(t.inner_epochs):
-            for step, batches in enumerate(self.micro_batches(epoch, inner, roll, advantages, local)):
+            for step, batches in enumerate(self.micro_batches(epoch, inner, roll, advantages, local, rewards)):
                 self._nonfinite_loss = False
                 for m, batch in enumerate(batches):
                     units = self.algorithm.units(batch)
@@ -595,8 +596,8 @@ class Recipe:
             out["train/skipped_steps"] = float(skipped)
         return out
 
-    def micro_batches(self, epoch: int, inner: int, roll: Rollouts, advantages: torch.Tensor,
-                      local: range) -> list[list[TrainBatch]]:
+    def micro_batches(self, epoch: int, inner: int, roll: Rollouts, advantages: torch.Tensor, local: range,
+                      rewards: torch.Tensor | None = None) -> list[list[TrainBatch]]:
         """For each optimizer step of this inner epoch, its micro-batches. The units are rows, or whole groups for
         an algorithm that needs them (`Requirements.whole_groups`; each group kept together and in order).
 
@@ -618,7 +619,6 @@ class Recipe:
             units = np.concatenate([units[step_of[units] == s] for s in range(S)])
         order = torch.from_numpy((units[:, None] * size + np.arange(size)).reshape(-1))
         group_ids = torch.tensor(roll.group_ids, dtype=torch.long)
-        rewards = getattr(self, "epoch_rewards", None)
         steps = []
         for step in range(t.steps_per_epoch):
             idx = order[step * per_step:(step + 1) * per_step]
@@ -731,11 +731,11 @@ class Recipe:
         KL_i = mean over latent dims of (mu_policy - mu_reference)^2 / (2 std_i^2), the convention of grpo's KL
         term. The steps are the sampler's own when it is stochastic, else Flow-GRPO's SDE at noise level 0.7."""
         from flowfactory.samplers import FlowSDEOptions
-        from flowfactory.samplers.flow import FlowSDESampler
+        from flowfactory.samplers.flow import FlowSDESampler, SDESampler
         from flowfactory.seeding import randn_per_sample
 
         sampler = self.sampler
-        if not getattr(sampler, "stochastic", False) or not hasattr(sampler, "sde_step"):
+        if not isinstance(sampler, SDESampler):  # a stochastic sampler of our own SDE family steps as it samples
             sampler = FlowSDESampler(FlowSDEOptions(steps=getattr(self.sampler, "steps", 10), noise_level=0.7))
         n = min(self.t.micro_batch_size, self.n_local)
         x0 = roll.trajectory.final[:n].float()
