@@ -1,7 +1,8 @@
-"""flowfactory-qwen-image: the Qwen-Image policy (`qwen-image`), trained as LoRA or full finetune.
+"""flowfactory-qwen-image: the Qwen-Image policies, trained as LoRA or full finetune: `qwen-image` (text to image),
+`qwen-image-edit` (Qwen-Image-Edit: one input image) and `qwen-image-edit-plus` (Qwen-Image-Edit-2509: several).
 
 This entry-point module imports only flowfactory and pydantic, so `ff list` stays fast; torch, diffusers
-and transformers are imported by `build` (see `flowfactory_qwen_image.policy`).
+and transformers are imported by the build functions (see `flowfactory_qwen_image.policy` and `.edit`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from flowfactory.registry import BuildContext
 
 if TYPE_CHECKING:
     from flowfactory.plan import PolicyPlan
+    from flowfactory_qwen_image.edit import QwenImageEditPolicy
     from flowfactory_qwen_image.policy import QwenImagePolicy
 
 __version__ = "0.1.0"
-__all__ = ["QWEN_IMAGE_LORA_TARGETS", "LoraOptions", "QwenImageOptions", "build", "plan", "register_policies"]
+__all__ = ["QWEN_IMAGE_LORA_TARGETS", "LoraOptions", "QwenImageEditOptions", "QwenImageEditPlusOptions",
+           "QwenImageOptions", "build", "build_edit", "build_edit_plus", "plan", "plan_edit", "register_policies"]
 
 # Qwen-Image's dual-stream attention projections: image stream, then text stream (same names as FLUX/SD3).
 QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
@@ -52,6 +55,48 @@ class QwenImageOptions(DiffusersPolicyOptions):
                          "examples use a single space.")
 
 
+class QwenImageEditOptions(QwenImageOptions):
+    """Options of the `qwen-image-edit` policy (Qwen-Image-Edit: one input image per prompt record)."""
+
+    pipeline_name: ClassVar[str] = "QwenImageEditPipeline"
+    input_images: ClassVar[tuple[int, int]] = (1, 1)  # per prompt record, checked by `ff validate`
+
+    height: int | None = Field(
+        None, ge=1, description="Output height in pixels (multiple of patch size 2 x the VAE scale factor, 16 for "
+                                "Qwen-Image). null: 1024 for `model`, 32 for the tiny preset. The input images keep "
+                                "their own size (image_area).")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=16384, description="Conditioning tokens after the template's system prefix (the input "
+                                          "images' vision tokens, the instruction, the template's end) padded to; a "
+                                          "record needing more is an error naming it (the pipeline cuts nothing). "
+                                          "null: 2048 for `model` (a 1024x1024 input is 1369 vision tokens), 128 for "
+                                          "the tiny preset.")
+    image_area: int | None = Field(
+        None, ge=1024, description="Pixel area each input image is resized to (aspect ratio kept, sides rounded to "
+                                   "multiples of 32) before the VAE encodes it (and, for qwen-image-edit, before "
+                                   "Qwen2.5-VL sees it). null: 1048576 (1024x1024) for `model`, as the pipeline; "
+                                   "1024 (32x32) for the tiny preset.")
+
+
+class QwenImageEditPlusOptions(QwenImageEditOptions):
+    """Options of the `qwen-image-edit-plus` policy (Qwen-Image-Edit-2509: one or more input images per record)."""
+
+    pipeline_name: ClassVar[str] = "QwenImageEditPlusPipeline"
+
+    condition_image_area: int | None = Field(
+        None, ge=1024, description="Pixel area each input image is resized to (aspect ratio kept, sides rounded to "
+                                   "multiples of 32) before Qwen2.5-VL sees it. null: 147456 (384x384) for `model`, "
+                                   "as the pipeline; 1024 (32x32) for the tiny preset.")
+    max_images: int = Field(
+        3, ge=1, le=16, description="The most input images a record may have (rows are padded to this many); "
+                                    "Qwen-Image-Edit-2509 is made for one to three.")
+
+    @property
+    def input_images(self) -> tuple[int, int]:  # type: ignore[override]
+        """One to max_images input images per prompt record (`ff validate` checks the prompt sets)."""
+        return (1, self.max_images)
+
+
 def build(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolicy:
     """Build a `QwenImagePolicy` (imports torch and diffusers only now)."""
     with quiet_transformers():
@@ -68,7 +113,35 @@ def plan(options: QwenImageOptions, ctx: BuildContext) -> PolicyPlan:
     return plan_policy(options, ctx)
 
 
+def build_edit(options: QwenImageEditOptions, ctx: BuildContext) -> QwenImageEditPolicy:
+    """Build a `QwenImageEditPolicy` (imports torch and diffusers only now)."""
+    with quiet_transformers():
+        from flowfactory_qwen_image.edit import build_edit_policy
+
+    return build_edit_policy(options, ctx, plus=False)
+
+
+def build_edit_plus(options: QwenImageEditPlusOptions, ctx: BuildContext) -> QwenImageEditPolicy:
+    """Build a `QwenImageEditPlusPolicy` (imports torch and diffusers only now)."""
+    with quiet_transformers():
+        from flowfactory_qwen_image.edit import build_edit_policy
+
+    return build_edit_policy(options, ctx, plus=True)
+
+
+def plan_edit(options: QwenImageEditOptions, ctx: BuildContext) -> PolicyPlan:
+    """`plan` for the editing policies: the same modules, and the input images' latents in the conditioning."""
+    with quiet_transformers():
+        from flowfactory_qwen_image.memory import plan_edit_policy
+
+    return plan_edit_policy(options, ctx)
+
+
 @hookimpl
 def register_policies(register: Any) -> None:
     register("qwen-image", build, options=QwenImageOptions, plan=plan,
              summary="Qwen-Image text-to-image (diffusers), true CFG, LoRA or full finetune; preset tiny.")
+    register("qwen-image-edit", build_edit, options=QwenImageEditOptions, plan=plan_edit,
+             summary="Qwen-Image-Edit: edits a record's input image (diffusers), true CFG, LoRA or full; preset tiny.")
+    register("qwen-image-edit-plus", build_edit_plus, options=QwenImageEditPlusOptions, plan=plan_edit,
+             summary="Qwen-Image-Edit-2509: edits with 1-3 input images per record (diffusers); preset tiny.")

@@ -1,4 +1,4 @@
-"""The `qwen-image` policy's memory plan (`ff plan`): modules on the meta device, latents, conditioning shapes."""
+"""The Qwen-Image policies' memory plans (`ff plan`): modules on the meta device, latents, conditioning shapes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from diffusers import QwenImagePipeline
 from flowfactory.plan import PolicyPlan, dtype_name
 from flowfactory.policies.plan import meta_modules, plan_parts
 from flowfactory.registry import BuildContext
-from flowfactory_qwen_image import QwenImageOptions
+from flowfactory_qwen_image import QwenImageEditOptions, QwenImageEditPlusOptions, QwenImageOptions
 from flowfactory_qwen_image.policy import (
     REAL_MAX_SEQUENCE_LENGTH,
     REAL_TRUE_CFG_SCALE,
@@ -43,4 +43,48 @@ def plan_policy(options: QwenImageOptions, ctx: BuildContext) -> PolicyPlan:
     if cfg > 1.0:
         conditioning |= {f"negative_{k}": v for k, v in rows.items()}
     parts = plan_parts(modules, options, ctx, QwenImagePolicy)
+    return PolicyPlan(parts, latent_shape, dtype_name(transformer.dtype), (3, height, width), conditioning)
+
+
+def plan_edit_policy(options: QwenImageEditOptions, ctx: BuildContext) -> PolicyPlan:
+    """What `build_edit_policy` would hold: the text-to-image plan's latents, and per record the Qwen2.5-VL
+    conditioning padded to max_sequence_length (twice with true CFG), the input images' packed latents padded to
+    `image_tokens` in the VAE's dtype, and their token grids."""
+    from flowfactory_qwen_image.edit import (
+        REAL_EDIT_MAX_SEQUENCE_LENGTH,
+        REAL_IMAGE_AREA,
+        TINY_EDIT_MAX_SEQUENCE_LENGTH,
+        TINY_IMAGE_AREA,
+        QwenImageEditPlusPolicy,
+        QwenImageEditPolicy,
+        max_image_tokens,
+    )
+    from flowfactory_qwen_image.tiny import build_tiny_edit_pipeline
+
+    plus = isinstance(options, QwenImageEditPlusOptions)
+    cls = QwenImageEditPlusPolicy if plus else QwenImageEditPolicy
+    modules, tiny = meta_modules(options, ctx, cls.pipeline_class, lambda: build_tiny_edit_pipeline(ctx.seed, plus=plus),
+                                 policy=cls.name)
+    transformer, vae, encoder = modules["transformer"], modules["vae"], modules["text_encoder"]
+    scale = 2 ** len(vae.temperal_downsample)
+    if tiny:
+        size, max_len, cfg, area = TINY_SIZE, TINY_EDIT_MAX_SEQUENCE_LENGTH, 1.0, TINY_IMAGE_AREA
+    else:
+        size, max_len, cfg, area = 128 * scale, REAL_EDIT_MAX_SEQUENCE_LENGTH, REAL_TRUE_CFG_SCALE, REAL_IMAGE_AREA
+    height = options.height or size
+    width = options.width or options.height or size
+    max_len = options.max_sequence_length or max_len
+    cfg = options.true_cfg_scale if options.true_cfg_scale is not None else cfg
+    images = options.max_images if plus else 1
+    h, w = height // scale, width // scale
+    latent_shape = ((h // 2) * (w // 2), vae.config.z_dim * 4)
+    hidden = getattr(encoder.config, "text_config", encoder.config).hidden_size
+    rows = {"prompt_embeds": ((max_len, hidden), dtype_name(encoder.dtype)), "prompt_embeds_mask": ((max_len,), "int64")}
+    conditioning = dict(rows)
+    if cfg > 1.0:
+        conditioning |= {f"negative_{k}": v for k, v in rows.items()}
+    tokens = images * max_image_tokens(options.image_area or area, 2 * scale)
+    conditioning["image_latents"] = ((tokens, vae.config.z_dim * 4), dtype_name(encoder.dtype))
+    conditioning["image_shapes"] = ((images, 2), "int64")
+    parts = plan_parts(modules, options, ctx, cls)
     return PolicyPlan(parts, latent_shape, dtype_name(transformer.dtype), (3, height, width), conditioning)

@@ -10,6 +10,8 @@ parameters and saving are the shared `flowfactory.policies.diffusers.DiffusersPo
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
@@ -29,10 +31,11 @@ REAL_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's default
 REAL_TRUE_CFG_SCALE = 4.0
 
 
-def template_prefix_tokens(pipe: QwenImagePipeline) -> int:
-    """Tokens of the prompt template before `{}` under the pipeline's own tokenizer: the system prefix that
-    `_get_qwen_prompt_embeds` drops. The pipeline hard-codes 34, right only for the real Qwen tokenizer."""
-    prefix = pipe.prompt_template_encode.split("{}")[0]
+def template_prefix_tokens(pipe: Any) -> int:
+    """Tokens of the prompt template before the user's turn content (`{}`, or the input image's vision tokens of
+    an editing template) under the pipeline's own tokenizer: the system prefix that `_get_qwen_prompt_embeds`
+    drops. The pipelines hard-code it for the real Qwen tokenizer (34 for Qwen-Image, 64 for the editing ones)."""
+    prefix = pipe.prompt_template_encode.split("{}")[0].split("<|vision_start|>")[0]
     return len(pipe.tokenizer(prefix).input_ids)
 
 
@@ -40,6 +43,7 @@ class QwenImagePolicy(DiffusersPolicyBase):
     """Implements `flowfactory.types.Policy` for Qwen-Image pipelines (or the tiny preset)."""
 
     name = "qwen-image"
+    pipeline_class: ClassVar[type] = QwenImagePipeline  # what loads its saves (LoRA) and names them in the README
     lora_target_hint = ("Qwen-Image attention projections are to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, "
                         "add_v_proj, to_add_out; feed-forward: img_mlp.net.0.proj, img_mlp.net.2, "
                         "txt_mlp.net.0.proj, txt_mlp.net.2; modulation: img_mod.1, txt_mod.1")
@@ -139,10 +143,14 @@ class QwenImagePolicy(DiffusersPolicyBase):
 
         return self._cached_sigmas(steps, compute)
 
-    def _transformer(self, hidden: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+    def _image_stream(self, x: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, list[list[tuple[int, ...]]]]:
+        """The transformer's image-stream input for latents x and each row's token grids (frame, rows, columns):
+        the packed latents alone here; an editing policy appends its input images' latents."""
         h, w = self.latent_hw
-        img_shapes = [[(1, h // 2, w // 2)]] * hidden.shape[0]
+        return x, [[(1, h // 2, w // 2)]] * x.shape[0]
+
+    def _transformer(self, hidden: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                     mask: torch.Tensor, img_shapes: list[list[tuple[int, ...]]]) -> torch.Tensor:
         return self._network()(hidden_states=hidden, timestep=timestep, guidance=None,
                                encoder_hidden_states_mask=mask, encoder_hidden_states=embeds,
                                img_shapes=img_shapes, return_dict=False)[0]
@@ -155,15 +163,16 @@ class QwenImagePolicy(DiffusersPolicyBase):
         # the pipeline feeds scheduler.timesteps (sigma * 1000, float32) cast to the latents' dtype, over 1000
         t = sigma * self._scheduler.config.num_train_timesteps
         timestep = t.to(dtype) / 1000
-        hidden = x.to(dtype)
+        hidden, img_shapes = self._image_stream(x.to(dtype), cond)
+        n = x.shape[1]  # the output tokens; the rest of the image stream (an edit's input images) is dropped
         out = self._transformer(hidden, timestep, cond["prompt_embeds"].to(device=device, dtype=dtype),
-                                cond["prompt_embeds_mask"].to(device))
+                                cond["prompt_embeds_mask"].to(device), img_shapes)[:, :n]
         if self.do_cfg:
             if "negative_prompt_embeds" not in cond:
-                raise KeyError("qwen-image velocity: true_cfg_scale > 1 needs the negative prompt embeddings that "
+                raise KeyError(f"{self.name} velocity: true_cfg_scale > 1 needs the negative prompt embeddings that "
                                "encode() returns; re-encode the prompts with this policy")
             neg = self._transformer(hidden, timestep, cond["negative_prompt_embeds"].to(device=device, dtype=dtype),
-                                    cond["negative_prompt_embeds_mask"].to(device))
+                                    cond["negative_prompt_embeds_mask"].to(device), img_shapes)[:, :n]
             mixed = neg + self.true_cfg_scale * (out - neg)
             out = mixed * (torch.norm(out, dim=-1, keepdim=True) / torch.norm(mixed, dim=-1, keepdim=True))
         return out.to(x.dtype)
@@ -178,14 +187,21 @@ class QwenImagePolicy(DiffusersPolicyBase):
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
         return self._vae_decode(latents / inv_std + mean, lambda video: (video[:, :, 0].float() / 2 + 0.5).clamp(0, 1))
 
+    def _saved_settings(self) -> dict[str, Any]:
+        """What `save` records in flowfactory.json beside the weights: the settings the samples were made with."""
+        return {"height": self.height, "width": self.width, "max_sequence_length": self.max_sequence_length,
+                "true_cfg_scale": self.true_cfg_scale, "negative_prompt": self.negative_prompt}
+
+    def _call_example(self) -> tuple[str, str]:
+        """The inputs and keyword arguments of the saved README's `pipe(...)` call."""
+        cfg = f"negative_prompt={self.negative_prompt!r}, true_cfg_scale={self.true_cfg_scale}, " if self.do_cfg else ""
+        return "prompt", f"{cfg}height={self.height}, width={self.width}, max_sequence_length={self.max_sequence_length}"
+
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA file (`pipe.load_lora_weights(dir)`); full: `dir/transformer` model folder."""
-        cfg = f"negative_prompt={self.negative_prompt!r}, true_cfg_scale={self.true_cfg_scale}, " if self.do_cfg else ""
-        self._save_with_notes(
-            directory, QwenImagePipeline, QwenImageTransformer2DModel, "qwen-image",
-            {"height": self.height, "width": self.width, "max_sequence_length": self.max_sequence_length,
-             "true_cfg_scale": self.true_cfg_scale, "negative_prompt": self.negative_prompt},
-            f"{cfg}height={self.height}, width={self.width}, max_sequence_length={self.max_sequence_length}")
+        inputs, call_args = self._call_example()
+        self._save_with_notes(directory, self.pipeline_class, QwenImageTransformer2DModel, self.name,
+                              self._saved_settings(), call_args, inputs=inputs)
 
 
 def build_policy(options: QwenImageOptions, ctx: BuildContext) -> QwenImagePolicy:

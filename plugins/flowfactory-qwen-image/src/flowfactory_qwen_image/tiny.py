@@ -1,25 +1,31 @@
-"""A small random Qwen-Image pipeline built in-process: no files, no network, deterministic from a seed.
+"""Small random Qwen-Image pipelines built in-process: no files, no network, deterministic from a seed.
 
 A ~5M-parameter QwenImageTransformer2DModel (2 dual-stream blocks, 4 heads x 64) over a 4-channel, scale-1
 AutoencoderKLQwenImage (latents packed 2x2 into 16 channels, as the pipeline does), conditioned by a tiny
-Qwen2.5-VL (2 text layers, width 64, a one-block vision tower it never uses) with the in-memory byte-level
-Qwen2 tokenizer from `flowfactory.testing.tokenizers`.
+Qwen2.5-VL (2 text layers, width 64, a one-block vision tower the text-to-image pipeline never uses) with the
+in-memory byte-level Qwen2 tokenizer from `flowfactory.testing.tokenizers`. The editing pipelines
+(`build_tiny_edit_pipeline`) add Qwen's vision tokens to that tokenizer, a Qwen2VLProcessor matching the vision
+tower, and a scale-2 VAE.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from flowfactory.testing.tokenizers import qwen2_tokenizer
+from flowfactory.testing.tokenizers import QWEN_SPECIAL_TOKENS, qwen2_tokenizer
 
 # Qwen/Qwen-Image's scheduler configuration: exponential dynamic shift (mu from the image token count). The hub
 # file cannot be read offline; these values agree with two independent public reimplementations of that scheduler.
@@ -39,7 +45,8 @@ class TinyQwenImageSpec:
     attention_head_dim: int = 64
     axes_dims_rope: tuple[int, int, int] = (8, 28, 28)  # frame, height, width; sums to attention_head_dim
     latent_channels: int = 4  # VAE z_dim; the transformer sees 4 x this after 2x2 packing
-    vae_base_dim: int = 16  # one stage, no downsampling: VAE scale factor 1
+    vae_base_dim: int = 16
+    vae_stages: int = 1  # each stage after the first halves the sides: VAE scale factor 2 ** (stages - 1)
     sample_size: int = 32  # image side in pixels (= latent side at VAE scale 1)
     text_hidden: int = 64  # Qwen2.5-VL hidden size = the transformer's joint_attention_dim
     text_layers: int = 2
@@ -48,9 +55,12 @@ class TinyQwenImageSpec:
     text_intermediate: int = 128
 
 
-def tiny_text_encoder(spec: TinyQwenImageSpec, vocab_size: int, pad_token_id: int,
-                      eos_token_id: int) -> Qwen2_5_VLForConditionalGeneration:
-    """A random Qwen2.5-VL with `spec`'s text sizes and a minimal vision tower (never called for text)."""
+def tiny_text_encoder(spec: TinyQwenImageSpec, vocab_size: int, pad_token_id: int, eos_token_id: int,
+                      vision_token_ids: Mapping[str, int] | None = None) -> Qwen2_5_VLForConditionalGeneration:
+    """A random Qwen2.5-VL with `spec`'s text sizes and a minimal vision tower: 2x2-pixel patches, one frame
+    per patch, no merging, one block of width 16 (never called for text). `vision_token_ids` (image_token_id,
+    video_token_id, vision_start_token_id, vision_end_token_id) are the tokenizer's ids of the vision tokens;
+    None puts them past the vocabulary (a text-only tokenizer has none)."""
     head_dim = spec.text_hidden // spec.text_heads
     quarter = head_dim // 4
     config = Qwen2_5_VLConfig(
@@ -64,8 +74,9 @@ def tiny_text_encoder(spec: TinyQwenImageSpec, vocab_size: int, pad_token_id: in
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=spec.text_hidden,
                            patch_size=2, spatial_merge_size=1, temporal_patch_size=1, window_size=4,
                            fullatt_block_indexes=[0]),
-        image_token_id=vocab_size, video_token_id=vocab_size + 1, vision_start_token_id=vocab_size + 2,
-        vision_end_token_id=vocab_size + 3,
+        **(dict(vision_token_ids) if vision_token_ids is not None else dict(
+            image_token_id=vocab_size, video_token_id=vocab_size + 1, vision_start_token_id=vocab_size + 2,
+            vision_end_token_id=vocab_size + 3)),
     )
     return Qwen2_5_VLForConditionalGeneration(config)
 
@@ -91,8 +102,8 @@ def build_tiny_pipeline(seed: int, spec: TinyQwenImageSpec = TinyQwenImageSpec()
         )
         text_encoder = tiny_text_encoder(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
         vae = AutoencoderKLQwenImage(
-            base_dim=spec.vae_base_dim, z_dim=spec.latent_channels, dim_mult=[1], num_res_blocks=1, attn_scales=[],
-            temperal_downsample=[], latents_mean=[0.0] * spec.latent_channels,
+            base_dim=spec.vae_base_dim, z_dim=spec.latent_channels, dim_mult=[1] * spec.vae_stages, num_res_blocks=1,
+            attn_scales=[], temperal_downsample=[False] * (spec.vae_stages - 1), latents_mean=[0.0] * spec.latent_channels,
             latents_std=[1.0] * spec.latent_channels,
         )
     pipe = QwenImagePipeline(
@@ -102,3 +113,65 @@ def build_tiny_pipeline(seed: int, spec: TinyQwenImageSpec = TinyQwenImageSpec()
     for part in (pipe.transformer, pipe.text_encoder, pipe.vae):
         part.eval()
     return pipe
+
+
+# -- the editing pipelines ------------------------------------------------------------------------------------
+
+VISION_TOKENS: tuple[str, ...] = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def qwen2_vl_tokenizer() -> Qwen2Tokenizer:
+    """`flowfactory.testing.tokenizers.qwen2_tokenizer` with Qwen2.5-VL's vision tokens as single special tokens,
+    which the processor expands (`<|image_pad|>`, once per vision token) and the text encoder looks for."""
+    tokenizer = qwen2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [*QWEN_SPECIAL_TOKENS[1:], *VISION_TOKENS]})
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TinyQwenImageEditSpec(TinyQwenImageSpec):
+    """Sizes of the tiny editing pipelines: the text-to-image sizes but a two-stage VAE (scale factor 2: a 32x32
+    image is 8x8 = 64 packed tokens, so the input image's tokens do not dwarf the output's), and what Qwen2.5-VL's
+    image processor makes of an input image (at most `vision_max_pixels` pixels in 2x2 patches: 16 vision
+    tokens)."""
+
+    vae_stages: int = 2
+    vision_min_pixels: int = 4 * 4
+    vision_max_pixels: int = 8 * 8
+
+
+def tiny_processor(tokenizer: Qwen2Tokenizer, spec: TinyQwenImageEditSpec) -> Any:
+    """A Qwen2VLProcessor matching `tiny_text_encoder`'s vision tower: 2x2-pixel patches, one frame per patch, no
+    merging, images resized into [vision_min_pixels, vision_max_pixels] (PIL backend: no torchvision)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from flowfactory_qwen_image.edit import vl_processor
+
+    image_processor = Qwen2VLImageProcessorPil(patch_size=2, temporal_patch_size=1, merge_size=1,
+                                               min_pixels=spec.vision_min_pixels, max_pixels=spec.vision_max_pixels)
+    return vl_processor(image_processor, tokenizer)
+
+
+def build_tiny_edit_pipeline(seed: int, spec: TinyQwenImageEditSpec = TinyQwenImageEditSpec(), *,
+                             plus: bool = False) -> QwenImageEditPipeline | QwenImageEditPlusPipeline:
+    """A random QwenImageEditPipeline (QwenImageEditPlusPipeline with `plus`), float32 on the CPU, whose weights
+    depend only on `seed` and `spec`: `build_tiny_pipeline`'s transformer, VAE and text encoder, the encoder's
+    vision tokens known to `qwen2_vl_tokenizer`, and `tiny_processor`. Saved with `save_pretrained`, it loads
+    with the pipeline's `from_pretrained` given `processor=flowfactory_qwen_image.edit.load_processor(folder /
+    "processor")` (the stock processor loader wants torchvision for videos)."""
+    base = build_tiny_pipeline(seed, spec)
+    tokenizer = qwen2_vl_tokenizer()
+    ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                   tokenizer.convert_tokens_to_ids(list(VISION_TOKENS)), strict=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)  # the text encoder's own draw: its vocabulary is larger than the base one's
+        text_encoder = tiny_text_encoder(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                         vision_token_ids=ids).eval()
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return cls(transformer=base.transformer, scheduler=base.scheduler, vae=base.vae, text_encoder=text_encoder,
+               tokenizer=tokenizer, processor=tiny_processor(tokenizer, spec))
+
+
+def build_tiny_edit_plus_pipeline(seed: int, spec: TinyQwenImageEditSpec = TinyQwenImageEditSpec()) -> Any:
+    """`build_tiny_edit_pipeline(seed, spec, plus=True)`."""
+    return build_tiny_edit_pipeline(seed, spec, plus=True)
