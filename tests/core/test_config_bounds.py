@@ -24,6 +24,7 @@ from flowfactory.seeding import sample_seed
 from flowfactory.testing import plugin as toy_plugin
 
 FIRST_PARTY = {("policy", "flux"), ("policy", "sd3"), ("policy", "qwen-image"), ("policy", "wan"),
+               ("policy", "flux2"), ("policy", "flux2-klein"),
                ("policy", "toy"), ("optimizer", "grpo"), ("optimizer", "nft"), ("optimizer", "awm"),
                ("sampler", "ode"), ("sampler", "flow-sde"), ("sampler", "dance-sde"), ("sampler", "cps"),
                ("reward", "brightness"), ("reward", "colour-match"), ("reward", "jpeg-compressibility"),
