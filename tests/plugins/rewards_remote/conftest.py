@@ -1,6 +1,7 @@
 """Servers shared by the tests of flowfactory-rewards-remote, each started once (session scope) as a real
 subprocess on a free port: `ff reward serve` for colour-match (bearer token, 1 MiB request limit), brightness (no
-token) and the groupwise `group-centred` test reward, and the fake OpenAI-compatible and Flow-GRPO servers."""
+token), edit-colour (reads the records' input images; 1 MiB limit, its own TMPDIR) and the groupwise `group-centred`
+test reward, and the fake OpenAI-compatible and Flow-GRPO servers."""
 
 from __future__ import annotations
 
@@ -27,6 +28,17 @@ def colour_server(logs):
 @pytest.fixture(scope="session")
 def brightness_server(logs):
     with serving("--reward", "brightness", log=logs / "brightness.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def edit_server(logs, tmp_path_factory):
+    """edit-colour (tolerance 0.5), requests up to 1 MiB; `server.tmp` is its TMPDIR, where each request's input
+    images are written and removed."""
+    tmp = tmp_path_factory.mktemp("edit-server-tmp")
+    with serving("--reward", "edit-colour", "--set", "tolerance=0.5", "--max-request-mb", "1",
+                 log=logs / "edit.log", env={**ENV, "TMPDIR": str(tmp)}) as server:
+        server.tmp = tmp
         yield server
 
 

@@ -49,6 +49,10 @@ class RemoteOptions(_ClientOptions):
         "groups go in one request, so a request can hold more when a group is larger."))
     token_env: str | None = Field(None, description=(
         "Name of the environment variable holding the server's bearer token (as given to --token-env)."))
+    send_inputs: bool = Field(True, description=(
+        "Send the input images of the rows' prompt records (an edit's source), each distinct image once per "
+        "request, so the served reward's Samples.inputs can load them; false: send text and metadata only (for a "
+        "served reward that never reads them, or a server too old to take them)."))
 
     @field_validator("url")
     @classmethod

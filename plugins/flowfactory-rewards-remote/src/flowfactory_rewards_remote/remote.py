@@ -2,6 +2,8 @@
 
 Images travel as uint8, quantised as a PNG would store them (round(x * 255) of the image clamped to [0, 1]);
 the server scores x = uint8 / 255. Scores come back float32, exactly: JSON carries every digit of a float32.
+The rows' prompt records travel too: text, metadata, and their input images (an edit's source) as the uint8
+pixels `Prompt.load_images()` reads, each distinct image (by content digest) once per request.
 `groupwise` and `handles_video` are what the server says its reward is (read from GET /rewards when the run
 starts): a groupwise reward gets whole groups in each request.
 """
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from flowfactory.errors import FlowFactoryError, RewardError
+from flowfactory.prompts import Prompt
 from flowfactory.types import Samples
 from flowfactory_rewards_remote import RemoteOptions
 from flowfactory_rewards_remote.http import Client, bearer_headers
@@ -24,6 +27,23 @@ def quantise(x: torch.Tensor) -> np.ndarray:
     """[..., C, H, W] in [0, 1] -> uint8 [..., H, W, C], as a PNG stores it: round(clamp(x, 0, 1) * 255)."""
     q = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     return q.movedim(-3, -1).contiguous().numpy()
+
+
+def input_tensors(records: list[Prompt], rows: list[int]) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+    """The input images of the rows' records as uint8 [H, W, 3] tensors named input.0, input.1, ..., one per
+    distinct image (by content digest: the rows of a group share their record), and each row's names in order."""
+    by_digest: dict[str, str] = {}
+    tensors: dict[str, np.ndarray] = {}
+    names: list[list[str]] = []
+    for r in rows:
+        record, loaded = records[r], None
+        for j, digest in enumerate(record.digests):
+            if digest not in by_digest:
+                loaded = loaded if loaded is not None else record.load_images()
+                by_digest[digest] = name = f"input.{len(by_digest)}"
+                tensors[name] = quantise(loaded[j])  # k / 255 floats: back to exactly k
+        names.append([by_digest[d] for d in record.digests])
+    return tensors, names
 
 
 def plan_requests(n: int, group_ids: list[int], batch_size: int, groupwise: bool) -> list[list[int]]:
@@ -60,13 +80,28 @@ class RemoteReward:
         self.client = client
         self.url = f"{options.url}/score"
 
-    def _post(self, samples: Samples, rows: list[int]) -> list[float]:
+    def _records(self, samples: Samples) -> list[Prompt] | None:
+        return samples.inputs if len(samples.inputs) == len(samples) else None
+
+    def request_body(self, samples: Samples, rows: list[int]) -> bytes:
+        """The POST /score body for `rows` of `samples`: their images or videos, prompts, group ids, metadata and
+        (with send_inputs) their records' input images."""
         media = ({"images": quantise(samples.images[rows])} if samples.images is not None
                  else {"videos": quantise(samples.videos[rows])})
-        body = encode([samples.prompts[r] for r in rows],
+        records = self._records(samples)
+        metadata = (samples.metadata if samples.metadata else
+                    [dict(r.metadata) for r in records] if records and any(r.metadata for r in records) else None)
+        inputs: dict[str, Any] = {}
+        if records is not None and self.options.send_inputs and any(records[r].images for r in rows):
+            input_images, names = input_tensors(records, rows)
+            inputs = {"input_images": input_images, "inputs": names}
+        return encode([samples.prompts[r] for r in rows],
                       group_ids=[int(samples.group_ids[r]) for r in rows] if samples.group_ids else None,
-                      metadata=[samples.metadata[r] for r in rows] if samples.metadata else None,
-                      reward=self.options.reward, **media)
+                      metadata=[metadata[r] for r in rows] if metadata else None,
+                      reward=self.options.reward, **media, **inputs)
+
+    def _post(self, samples: Samples, rows: list[int]) -> list[float]:
+        body = self.request_body(samples, rows)
         resp = self.client.request("POST", self.url, data=body, headers={"Content-Type": CONTENT_TYPE})
         try:
             scores = resp.json()["scores"]
@@ -86,6 +121,14 @@ class RemoteReward:
         if samples.videos is not None and not self.handles_video:
             raise RewardError(f"remote reward {self.options.reward!r} does not handle videos; the core scores a "
                               "video's frames as images")
+        records = self._records(samples)
+        if (self.options.send_inputs and not self.served.get("inputs") and records is not None
+                and any(r.images for r in records)):
+            raise RewardError(f"remote reward {self.options.reward!r}: these samples' prompt records have input "
+                              f"images, but the server at {self.options.url} takes none (its "
+                              "flowfactory-rewards-remote predates input images). Install the same "
+                              "flowfactory-rewards-remote on both sides, or set send_inputs: false if "
+                              f"{self.options.reward!r} never reads them")
         n = len(samples)
         chunks = plan_requests(n, list(samples.group_ids), self.options.batch_size, self.groupwise)
         results = self.client.map(lambda rows: self._post(samples, rows), chunks)

@@ -3,14 +3,20 @@
 A starlette application run by uvicorn. Every answer is JSON; nothing a client sends can stop the server: an
 unreadable body is a 400, a body of the wrong shape a 422, a reward that raises a 500 with its message, and the
 next request is served as usual.
+
+The served reward gets `Samples` as the loop builds them: every row's prompt record in `inputs` (text, metadata,
+and the input images the request carries, written as PNG files into a temporary folder that lives for the call,
+so `inputs[i].load_images()` gives exactly the pixels sent) and `metadata`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -19,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from flowfactory_rewards_remote.protocol import CONTENT_TYPE, PROTOCOL, BadRequest, decode
+from flowfactory_rewards_remote.protocol import CONTENT_TYPE, PROTOCOL, BadRequest, ScoreRequest, decode
 
 
 @dataclass
@@ -36,7 +42,22 @@ class Served:
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options, "groupwise": bool(getattr(self.reward, "groupwise", False)),
                 "handles_video": bool(getattr(self.reward, "handles_video", False)), "package": self.package,
-                "version": self.version, "device": self.device, "protocol": PROTOCOL}
+                "version": self.version, "device": self.device, "protocol": PROTOCOL, "inputs": True}
+
+
+def records(req: ScoreRequest, folder: Path) -> list[Any]:
+    """Each row's prompt record: its text, its metadata and its input images, each distinct one written once into
+    `folder` as a PNG (lossless: `Prompt.load_images()` reads back exactly the uint8 pixels sent)."""
+    from PIL import Image
+
+    from flowfactory.prompts import Prompt
+
+    paths: dict[str, Path] = {}
+    for n, (name, arr) in enumerate(req.input_images.items()):
+        paths[name] = folder / f"input-{n}.png"
+        Image.fromarray(arr).save(paths[name], format="PNG", compress_level=1)
+    return [Prompt(text, images=[paths[name] for name in names], metadata=meta)
+            for text, names, meta in zip(req.prompts, req.inputs, req.metadata, strict=True)]
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -85,7 +106,7 @@ def create_app(served: Served, *, token: str | None = None, max_request_bytes: i
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def run_reward(req: Any) -> list[float]:
+    def run_reward(req: ScoreRequest) -> list[float]:
         import torch
 
         from flowfactory.train.rewards import score_one
@@ -96,9 +117,11 @@ def create_app(served: Served, *, token: str | None = None, max_request_bytes: i
             media = {"images": torch.from_numpy(req.images).to(device).permute(0, 3, 1, 2).float() / 255}
         else:
             media = {"videos": torch.from_numpy(req.videos).to(device).permute(0, 1, 4, 2, 3).float() / 255}
-        samples = Samples(prompts=req.prompts, group_ids=req.group_ids, metadata=req.metadata, **media)
-        with torch.no_grad():
-            scores = score_one(served.reward, samples, served.name).detach().cpu()
+        with tempfile.TemporaryDirectory(prefix="ff-reward-inputs-") as folder:
+            samples = Samples(prompts=req.prompts, group_ids=req.group_ids, metadata=req.metadata,
+                              inputs=records(req, Path(folder)), **media)
+            with torch.no_grad():
+                scores = score_one(served.reward, samples, served.name).detach().cpu()
         if not torch.isfinite(scores).all():
             raise ValueError(f"reward {served.name!r} returned non-finite scores {scores.tolist()}")
         return [float(s) for s in scores]  # float32 -> float64 is exact, and JSON keeps every digit of it
