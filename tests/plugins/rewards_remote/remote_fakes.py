@@ -5,8 +5,9 @@ openai: an OpenAI-compatible chat-completions endpoint with one model, `fake-jud
   is: r = mean red channel / 255 of the PNG it is sent. With `logprobs`, the first answer token's alternatives are
   Yes (probability 0.9 r), No (0.9 (1 - r)) and Maybe (0.1), so P(yes) / (P(yes) + P(no)) = r. Otherwise it answers
   "Final Score: X" (X = 10 r, 3 decimals) after a distracting number when the question says "final", else "X".
-  A question holding "gibberish" gets an answer without yes, no or a number. FAKE_API_KEY set: that bearer key is
-  required.
+  A question holding "gibberish" gets an answer without yes, no or a number. A message with several images (an
+  edit's source and the sample) is judged on its last image, and in number mode answered "Image 1: X1 Image 2: X2
+  ..." (Xi = 10 r of the i-th image, in message order). FAKE_API_KEY set: that bearer key is required.
 
 flowgrpo: Flow-GRPO's reward-server protocol (a pickled dict in, a pickled dict out). Requests are read with the
   client's own plain-values reader, so they must hold plain values only. Paths: / (DeQA: "outputs" = mean
@@ -59,11 +60,14 @@ def openai_app() -> Starlette:
         if body.get("temperature") != 0:
             return JSONResponse({"error": {"message": "the fake judge wants temperature 0"}}, status_code=400)
         content = body["messages"][-1]["content"]
-        url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
-        question = next(c["text"] for c in content if c["type"] == "text")
-        assert url.startswith("data:image/png;base64,")
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])), formats=["PNG"]))
-        r = float(image[..., 0].astype(np.float64).mean() / 255)
+        urls = [c["image_url"]["url"] for c in content if c["type"] == "image_url"]
+        question = " ".join(c["text"] for c in content if c["type"] == "text")
+        reds = []
+        for url in urls:
+            assert url.startswith("data:image/png;base64,")
+            image = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])), formats=["PNG"]))
+            reds.append(float(image[..., 0].astype(np.float64).mean() / 255))
+        r = reds[-1]
         choice: dict = {"index": 0, "finish_reason": "stop"}
         if "gibberish" in question:
             answer = "I would rather not say."
@@ -77,6 +81,9 @@ def openai_app() -> Starlette:
             tokens = [{"token": "\n", "logprob": 0.0, "top_logprobs": [{"token": "\n", "logprob": 0.0}]},
                       {"token": answer, "logprob": alts[0 if answer == "Yes" else 1]["logprob"],
                        "top_logprobs": alts[: body.get("top_logprobs", 20)]}]
+        elif len(reds) > 1:
+            answer = " ".join(f"Image {i + 1}: {round(10 * red, 3)}" for i, red in enumerate(reds))
+            tokens = None
         else:
             x = round(10 * r, 3)
             answer = f"Criterion 1 looks fine. Final Score: {x}" if "final" in question.lower() else f"{x}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flowfactory import hookimpl
 
@@ -69,7 +69,14 @@ class VLMJudgeOptions(_ClientOptions):
         "Name of the environment variable holding the API key (sent as a bearer token); null: none."))
     prompt_template: str = Field(
         "Does this image show {prompt}? Answer yes or no.",
-        description="The question sent with each image; {prompt} is replaced by the sample's prompt.")
+        description=(
+            "The question sent with each image; {prompt} is replaced by the sample's prompt. Optional markers "
+            "place the images within the text: {image} (the sample) and {input_images} (the record's input "
+            "images, with input_images); a marker left out puts its images before the text, input images first."))
+    input_images: bool = Field(False, description=(
+        "Also send each row's input images (its prompt record's, e.g. an edit's source), before the sample image "
+        "unless prompt_template places them with {input_images}: for judges of edits ('is the second image a "
+        "faithful edit of the first?'). A row without one is an error."))
     system_prompt: str | None = Field(None, description="Optional system message sent before the question.")
     mode: Literal["yes-probability", "number"] = Field("yes-probability", description=(
         "yes-probability: P(yes) / (P(yes) + P(no)) from the first answer token's top logprobs; number: the "
@@ -98,7 +105,18 @@ class VLMJudgeOptions(_ClientOptions):
     def _template(cls, v: str) -> str:
         if "{prompt}" not in v:
             raise ValueError("prompt_template must contain {prompt}, where the sample's prompt goes")
+        for marker in ("{image}", "{input_images}"):
+            if v.count(marker) > 1:
+                raise ValueError(f"prompt_template holds {marker} {v.count(marker)} times; it places the images "
+                                 "once")
         return v
+
+    @model_validator(mode="after")
+    def _inputs(self) -> VLMJudgeOptions:
+        if "{input_images}" in self.prompt_template and not self.input_images:
+            raise ValueError("prompt_template places {input_images}, but input_images is false: set "
+                             "input_images: true to send the records' input images")
+        return self
 
 
 class FlowGRPORemoteOptions(_ClientOptions):

@@ -1,7 +1,9 @@
 """The `vlm-judge` reward: a vision-language model behind an OpenAI-compatible chat-completions endpoint (vLLM,
 SGLang serving Qwen2.5-VL, UnifiedReward, ...) judges each image against its prompt.
 
-One request per image (a PNG data URL and the question), temperature 0, `max_concurrency` in flight. Two score
+One request per image (a PNG data URL and the question), temperature 0, `max_concurrency` in flight; with
+`input_images`, the row's input images (its prompt record's, an edit's source) go in the same message, before the
+sample unless the template's `{input_images}` / `{image}` markers place them. Two score
 modes: `yes-probability` reads the first answer token's `top_logprobs` and returns P(yes) / (P(yes) + P(no));
 `number` returns the first number of the answer (after `number_after`, if set) divided by `max_score`. An answer
 that gives neither is a RewardError quoting it.
@@ -13,6 +15,7 @@ import base64
 import io
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from flowfactory_rewards_remote.http import Client, bearer_headers
 from flowfactory_rewards_remote.remote import quantise
 
 NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+MARKERS = re.compile(r"(\{image\}|\{input_images\})")  # where prompt_template places the images
 
 
 def png_data_url(image_hwc: Any) -> str:
@@ -74,23 +78,37 @@ class VLMJudge:
                                    f"{', '.join(map(repr, ids)) or 'no model'}, not {self.options.model!r} (option "
                                    "model). Set model to one of those.")
 
-    def request_body(self, prompt: str, data_url: str) -> dict[str, Any]:
+    def content(self, prompt: str, data_url: str, input_urls: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """The user message's parts: the template's text pieces (with {prompt} filled in) and the images where its
+        markers put them; a marker it lacks puts its images first (input images, then the sample)."""
+        template = self.options.prompt_template
+        if "{image}" not in template:
+            template = "{image}" + template
+        if self.options.input_images and "{input_images}" not in template:
+            template = "{input_images}" + template
+        parts: list[dict[str, Any]] = []
+        for piece in MARKERS.split(template):
+            if piece in ("{image}", "{input_images}"):
+                urls = [data_url] if piece == "{image}" else list(input_urls)
+                parts.extend({"type": "image_url", "image_url": {"url": url}} for url in urls)
+            elif piece.strip():  # {prompt} is filled in after the split: a prompt's own braces place nothing
+                parts.append({"type": "text", "text": piece.replace("{prompt}", prompt)})
+        return parts
+
+    def request_body(self, prompt: str, data_url: str, input_urls: Sequence[str] = ()) -> dict[str, Any]:
         o = self.options
-        question = o.prompt_template.replace("{prompt}", prompt)
         messages: list[dict[str, Any]] = []
         if o.system_prompt:
             messages.append({"role": "system", "content": o.system_prompt})
-        messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
-                                                      {"type": "text", "text": question}]})
+        messages.append({"role": "user", "content": self.content(prompt, data_url, input_urls)})
         body: dict[str, Any] = {"model": o.model, "messages": messages, "temperature": 0,
                                 "max_tokens": o.max_tokens or (1 if o.mode == "yes-probability" else 512)}
         if o.mode == "yes-probability":
             body.update(logprobs=True, top_logprobs=o.top_logprobs)
         return body
 
-    def _judge(self, item: tuple[str, str]) -> float:
-        prompt, data_url = item
-        resp = self.client.request("POST", self.url, json=self.request_body(prompt, data_url))
+    def _judge(self, item: tuple[str, str, tuple[str, ...]]) -> float:
+        resp = self.client.request("POST", self.url, json=self.request_body(*item))
         try:
             choice = resp.json()["choices"][0]
             answer = choice["message"].get("content") or ""
@@ -145,5 +163,25 @@ class VLMJudge:
         if samples.images is None:
             raise RewardError("vlm-judge scores images; got samples without images")
         images = quantise(samples.images)
-        items = [(p, png_data_url(img)) for p, img in zip(samples.prompts, images)]
+        inputs = self.input_urls(samples) if self.options.input_images else [()] * len(samples)
+        items = [(p, png_data_url(img), urls) for p, img, urls in zip(samples.prompts, images, inputs, strict=True)]
         return torch.tensor(self.client.map(self._judge, items), dtype=torch.float32)
+
+    def input_urls(self, samples: Samples) -> list[tuple[str, ...]]:
+        """Each row's input images as PNG data URLs (uint8, as Prompt.load_images reads them), each distinct
+        image (by content digest) encoded once."""
+        if len(samples.inputs) != len(samples):
+            raise RewardError("vlm-judge (input_images: true) sends each row's input images, but these samples carry "
+                              "no prompt records (Samples.inputs)")
+        urls: dict[str, str] = {}
+        out = []
+        for record in samples.inputs:
+            if not record.images:
+                raise RewardError(f"vlm-judge (input_images: true): the prompt {record.text!r} has no input image to "
+                                  "send with its sample; give it one ('image' in its .jsonl line), or set "
+                                  "input_images: false")
+            if any(d not in urls for d in record.digests):
+                for d, image in zip(record.digests, record.load_images(), strict=True):
+                    urls.setdefault(d, png_data_url(quantise(image)))
+            out.append(tuple(urls[d] for d in record.digests))
+        return out
