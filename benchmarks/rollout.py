@@ -4,6 +4,10 @@ Policies (`--policy NAME`): flux (FluxPipeline), flux-kontext (FluxKontextPipeli
 with a source image, which both sides encode), sd3 (StableDiffusion3Pipeline), qwen-image (QwenImagePipeline,
 true CFG) and wan (WanPipeline, videos: the image difference is over every frame).
 
+qwen-image-edit and qwen-image-edit-plus (QwenImageEditPipeline, QwenImageEditPlusPipeline) edit records with
+source PNGs too; their stock pipelines run at the policy's input-image areas (`pipeline_areas`), the Plus one a
+record at a time (it takes one prompt per call).
+
 Both sides start from the same prompts and packed latents, use the same weights (the tiny preset's seed,
 built once for the policy and once, independently, for a stock pipeline; or the same `--model` folder),
 the same steps and size, and include prompt encoding and VAE decoding. Repeats alternate between the two
@@ -40,7 +44,15 @@ from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import ODESampler
 
 with quiet_transformers():  # no torchvision warnings for image processors these pipelines never use
-    from diffusers import FluxKontextPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline
+    from diffusers import (
+        FluxKontextPipeline,
+        FluxPipeline,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
+        WanPipeline,
+    )
 
 PROMPTS = ["a red square", "a blue circle", "a green car", "a yellow star"]
 
@@ -62,11 +74,20 @@ class Stock:
     builder: str = "build_tiny_pipeline"  # the tiny module's builder of this pipeline
     # (policy, records) -> __call__ arguments carrying the records' input images; None: text prompts only
     inputs: Callable[[Any, list[Prompt]], dict[str, Any]] | None = None
+    # (pipe, policy, records, __call__ arguments) -> the output tensor, for a pipeline called its own way; None:
+    # one batched pipe(prompt=..., **arguments)
+    invoke: Callable[[Any, Any, list[Any], dict[str, Any]], torch.Tensor] | None = None
+    # model folder -> extra from_pretrained arguments (components the stock loader cannot load here)
+    load: Callable[[str], dict[str, Any]] | None = None
 
 
 def _qwen_prefix(pipe: Any, pol: Any) -> None:
     # the prompt-template prefix length the policy counted from its tokenizer (the pipeline hard-codes 34)
     pipe.prompt_template_encode_start_idx = pol.pipe.prompt_template_encode_start_idx
+
+
+def _qwen_call(pol: Any) -> dict[str, Any]:
+    return {"true_cfg_scale": pol.true_cfg_scale, "negative_prompt": _cfg_negative(pol)}
 
 
 def _wan_call(pol: Any) -> dict[str, Any]:
@@ -102,6 +123,32 @@ def edit_records(texts_: list[str], folder: Path, size: int = 32) -> list[Prompt
     return out
 
 
+def _qwen_edit_load(model: str) -> dict[str, Any]:
+    # the processor without its video half (the stock loader wants torchvision for that)
+    from flowfactory_qwen_image.edit import load_processor
+
+    return {"processor": load_processor(Path(model) / "processor")}
+
+
+def _qwen_edit_invoke(pipe: Any, pol: Any, records: list[Prompt], kwargs: dict[str, Any]) -> torch.Tensor:
+    # at the policy's input-image areas; the editing pipelines keep every token (max_sequence_length is only
+    # checked against 1024), take the negative prompt once per record, and the Plus one takes one prompt a call
+    from PIL import Image
+
+    from flowfactory_qwen_image.edit import pipeline_areas
+
+    kwargs = {k: v for k, v in kwargs.items() if k != "max_sequence_length"}
+    images = [[Image.open(p).convert("RGB") for p in r.images] for r in records]
+    with pipeline_areas(pol.image_area, getattr(pol, "condition_image_area", None)):
+        if isinstance(pipe, QwenImageEditPlusPipeline):
+            latents = kwargs.pop("latents")
+            return torch.cat([pipe(prompt=r.text, image=imgs, latents=latents[i:i + 1], **kwargs).images
+                              for i, (r, imgs) in enumerate(zip(records, images, strict=True))])
+        neg = kwargs.pop("negative_prompt")
+        return pipe(prompt=texts(records), image=[imgs[0] for imgs in images],
+                    negative_prompt=None if neg is None else [neg] * len(records), **kwargs).images
+
+
 PIPELINES: dict[str, Stock] = {
     "flux": Stock(FluxPipeline, "flowfactory_flux.tiny", lambda pol: {"guidance_scale": pol.guidance_scale}),
     "flux-kontext": Stock(FluxKontextPipeline, "flowfactory_flux.tiny",
@@ -109,9 +156,14 @@ PIPELINES: dict[str, Stock] = {
                           inputs=_kontext_inputs),
     "sd3": Stock(StableDiffusion3Pipeline, "flowfactory_sd3.tiny",
                  lambda pol: {"guidance_scale": pol.guidance_scale, "negative_prompt": _cfg_negative(pol)}),
-    "qwen-image": Stock(QwenImagePipeline, "flowfactory_qwen_image.tiny",
-                        lambda pol: {"true_cfg_scale": pol.true_cfg_scale, "negative_prompt": _cfg_negative(pol)},
+    "qwen-image": Stock(QwenImagePipeline, "flowfactory_qwen_image.tiny", _qwen_call,
                         prepare=_qwen_prefix),
+    "qwen-image-edit": Stock(QwenImageEditPipeline, "flowfactory_qwen_image.tiny", _qwen_call, prepare=_qwen_prefix,
+                             builder="build_tiny_edit_pipeline", inputs=lambda pol, records: {},
+                             invoke=_qwen_edit_invoke, load=_qwen_edit_load),
+    "qwen-image-edit-plus": Stock(QwenImageEditPlusPipeline, "flowfactory_qwen_image.tiny", _qwen_call,
+                                  prepare=_qwen_prefix, builder="build_tiny_edit_plus_pipeline",
+                                  inputs=lambda pol, records: {}, invoke=_qwen_edit_invoke, load=_qwen_edit_load),
     "wan": Stock(WanPipeline, "flowfactory_wan.tiny", _wan_call, output="frames"),
 }
 
@@ -161,7 +213,7 @@ def main() -> None:
     if args.policy == "wan":
         dtypes["transformer_2"] = policy.compute_dtype
     if args.model:
-        pipe = stock.pipeline.from_pretrained(args.model, dtype=dtypes)
+        pipe = stock.pipeline.from_pretrained(args.model, dtype=dtypes, **(stock.load(args.model) if stock.load else {}))
     else:
         pipe = getattr(importlib.import_module(stock.tiny_module), stock.builder)(args.seed)
         for name, part in pipe.components.items():
@@ -188,10 +240,12 @@ def main() -> None:
         return policy.decode(traj.final)
 
     def theirs() -> torch.Tensor:
-        out = pipe(prompt=texts(prompts), height=policy.height, width=policy.width, num_inference_steps=args.steps,
-                   max_sequence_length=policy.max_sequence_length, latents=z.clone(), output_type="pt",
-                   **stock.call(policy), **extra)
-        return getattr(out, stock.output)
+        kwargs = dict(height=policy.height, width=policy.width, num_inference_steps=args.steps,
+                      max_sequence_length=policy.max_sequence_length, latents=z.clone(), output_type="pt",
+                      **stock.call(policy), **extra)
+        if stock.invoke is not None:
+            return stock.invoke(pipe, policy, prompts, kwargs)
+        return getattr(pipe(prompt=texts(prompts), **kwargs), stock.output)
 
     times: dict[str, list[float]] = {"ours": [], "pipeline": []}
     images: dict[str, torch.Tensor] = {}

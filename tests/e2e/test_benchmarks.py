@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
     ("flux", "FluxPipeline"),
     ("sd3", "StableDiffusion3Pipeline"),
     ("qwen-image", "QwenImagePipeline"),
+    ("qwen-image-edit", "QwenImageEditPipeline"),
+    ("qwen-image-edit-plus", "QwenImageEditPlusPipeline"),
     ("wan", "WanPipeline"),
 ])
 def test_rollout_benchmark_runs_and_matches_the_stock_pipeline(policy: str, pipeline: str) -> None:
