@@ -47,3 +47,102 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset's seed-0 two-expert pipeline (boundary 0.875), written with save_pretrained."""
     return _saved(tmp_path_factory, 2)
+
+
+# --- image-to-video (wan-i2v) --------------------------------------------------------------------------------
+
+def write_frames(folder: Path) -> list[Path]:
+    """Small RGB PNGs of different sizes and aspect ratios (the policy resizes them to the video's size): a red
+    square on grey (24x20), a blue bar on white (16x16), and noise (30x40)."""
+    import numpy as np
+    from PIL import Image
+
+    square = np.full((24, 20, 3), 128, dtype=np.uint8)
+    square[6:18, 4:16] = (220, 30, 30)
+    bar = np.full((16, 16, 3), 255, dtype=np.uint8)
+    bar[:, 5:11] = (30, 30, 220)
+    noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    paths = []
+    for name, arr in (("square", square), ("bar", bar), ("noise", noise)):
+        paths.append(folder / f"{name}.png")
+        Image.fromarray(arr).save(paths[-1])
+    return paths
+
+
+def pil(path: Path) -> Any:
+    """An image file as the RGB PIL image a user hands the pipeline."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """`write_frames` in a session folder."""
+    return write_frames(tmp_path_factory.mktemp("wan-i2v-frames"))
+
+
+@pytest.fixture(scope="session")
+def i2v_spec() -> ComponentSpec:
+    return load(strict=True).registry.get("policy", "wan-i2v")
+
+
+@pytest.fixture
+def make_i2v(i2v_spec: ComponentSpec) -> Callable[..., Any]:
+    """make_i2v(seed=0, **options) -> WanI2VPolicy; options default to the tiny preset."""
+
+    def make(seed: int = 0, **options: Any) -> Any:
+        if "model" not in options:
+            options.setdefault("preset", "tiny")
+        return i2v_spec.create(options, BuildContext(seed=seed))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """tiny_i2v_dirs(kind) -> a saved seed-0 tiny WanImageToVideoPipeline folder, built once per kind: "2.1" (CLIP,
+    one expert), "flf" (Wan 2.1 FLF2V's two-image position embedding), "2.2" (two experts, no image encoder)."""
+    from flowfactory_wan.tiny import build_tiny_i2v_pipeline
+
+    kinds = {"2.1": {}, "flf": {"first_last": True}, "2.2": {"experts": 2}}
+    saved: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in saved:
+            saved[kind] = tmp_path_factory.mktemp(f"tiny-wan-i2v-{kind}")
+            build_tiny_i2v_pipeline(0, **kinds[kind]).save_pretrained(saved[kind])
+        return saved[kind]
+
+    return get
+
+
+README = Path(__file__).resolve().parents[3] / "plugins" / "flowfactory-wan" / "README.md"
+
+
+@pytest.fixture(scope="session")
+def check_wan_readme() -> Callable[[Any, str], None]:
+    """check(registry, component): the package README documents both policies. Every ```yaml block is a config of
+    `wan` or `wan-i2v` that validates against that policy's options, `component` has at least two of them, and
+    the option tables' keys are exactly the options' (the two policies share their option names)."""
+    import re
+
+    import yaml
+
+    def check(registry: Any, component: str) -> None:
+        text = README.read_text()
+        names = []
+        for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S):
+            policy = yaml.safe_load(block)["policy"]
+            assert policy["name"] in ("wan", "wan-i2v"), policy["name"]
+            registry.get("policy", policy["name"]).options.model_validate(policy["options"])
+            names.append(policy["name"])
+        assert names.count(component) >= 2, names
+        model = registry.get("policy", component).options
+        from flowfactory_wan import WanLoraOptions as lora
+        rows = set(re.findall(r"^\| `([\w.]+)`(?:, `([\w.]+)`)? \|", text, flags=re.M))
+        documented = {key for row in rows for key in row if key}
+        assert documented == set(model.model_fields) | {f"lora.{k}" for k in lora.model_fields}
+
+    return check

@@ -11,7 +11,8 @@ import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from torch import nn
 
-from flowfactory.testing import DiffusersPolicyContract
+from flowfactory.registry import Registry
+from flowfactory.testing import DiffusersPolicyContract, override_contract
 from flowfactory_wan.tiny import build_tiny_pipeline
 
 
@@ -38,3 +39,8 @@ class TestWanDiffusers(DiffusersPolicyContract):
         from flowfactory_wan.policy import WanExperts
 
         return WanExperts(transformer)
+
+    @override_contract("the package README documents wan and wan-i2v: each config validates against its own policy")
+    def test_readme_configs_validate_and_table_lists_every_option(self, registry: Registry,
+                                                                    check_wan_readme: Any) -> None:
+        check_wan_readme(registry, self.component)

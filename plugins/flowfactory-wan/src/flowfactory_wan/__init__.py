@@ -1,7 +1,8 @@
-"""flowfactory-wan: the Wan 2.1 / 2.2 text-to-video policy (`wan`), trained as LoRA or full finetune.
+"""flowfactory-wan: the Wan 2.1 / 2.2 policies, trained as LoRA or full finetune: `wan` (text-to-video) and
+`wan-i2v` (image-to-video and first-last-frame-to-video from a prompt record's input images).
 
 This entry-point module imports only flowfactory and pydantic, so `ff list` stays fast; torch, diffusers
-and transformers are imported by `build` (see `flowfactory_wan.policy`).
+and transformers are imported by the build functions (see `flowfactory_wan.policy` and `flowfactory_wan.i2v`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from flowfactory.registry import BuildContext
 
 if TYPE_CHECKING:
     from flowfactory.plan import PolicyPlan
+    from flowfactory_wan.i2v import WanI2VPolicy
     from flowfactory_wan.policy import WanPolicy
 
 __version__ = "0.1.0"
-__all__ = ["WAN_LORA_TARGETS", "WanLoraOptions", "WanOptions", "build", "plan", "register_policies"]
+__all__ = ["WAN_LORA_TARGETS", "WanI2VOptions", "WanLoraOptions", "WanOptions", "build", "build_i2v", "plan",
+           "plan_i2v", "register_policies"]
 
 # Wan blocks' self-attention (attn1) and text cross-attention (attn2) projections.
 WAN_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -78,6 +81,38 @@ class WanOptions(DiffusersPolicyOptions):
         return self
 
 
+class WanI2VOptions(WanOptions):
+    """Options of the `wan-i2v` policy (every prompt record gives the first frame, or the first and last)."""
+
+    pipeline_name: ClassVar[str] = "WanImageToVideoPipeline"
+
+    height: int | None = Field(
+        None, ge=1, description="Video height in pixels (multiple of the VAE's spatial factor x patch size, 16 for "
+                                "Wan, 4 for the tiny preset); input images are resized to it. null: 480, or 16 for "
+                                "the tiny preset.")
+    width: int | None = Field(
+        None, ge=1, description="Video width in pixels (same multiple as height); input images are resized to it. "
+                                "null: 832, or 16 for the tiny preset.")
+    num_frames: int | None = Field(
+        None, ge=1, description="Frames per video, the input image the first (and a record's second image the "
+                                "last); num_frames - 1 must be a multiple of the VAE's temporal factor (4 for Wan, 2 "
+                                "for the tiny preset). null: 81 as WanImageToVideoPipeline, or 5 for the tiny preset.")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="UMT5 tokens the prompt is padded/truncated to. Wan 2.1 I2V reads the last "
+                                        "512 context tokens as text, so it needs 512. null: 512, or 16 for the tiny "
+                                        "preset's two experts (tiny_experts: 2).")
+    shift: float | None = Field(
+        None, gt=0.0, description="The scheduler's flow shift (FlowMatchEuler `shift` or UniPC `flow_shift`). "
+                                  "null: the pipeline's (3.0 is usual for 480p, 5.0 for 720p).")
+    boundary_ratio: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Two-expert models: the first (high-noise) expert acts while timestep >= "
+                                          "boundary_ratio x 1000, the second below. null: the pipeline's (0.9 for "
+                                          "Wan 2.2 I2V A14B).")
+    tiny_experts: int = Field(
+        1, ge=1, le=2, description="Tiny preset only: 1 is Wan 2.1 I2V-style (a tiny CLIP image encoder); 2 is Wan "
+                                   "2.2 I2V A14B-style (two experts, boundary 0.9, no image encoder).")
+
+
 def build(options: WanOptions, ctx: BuildContext) -> WanPolicy:
     """Build a `WanPolicy` (imports torch and diffusers only now)."""
     with quiet_transformers():
@@ -94,7 +129,25 @@ def plan(options: WanOptions, ctx: BuildContext) -> PolicyPlan:
     return plan_policy(options, ctx)
 
 
+def build_i2v(options: WanI2VOptions, ctx: BuildContext) -> WanI2VPolicy:
+    """Build a `WanI2VPolicy` (imports torch and diffusers only now)."""
+    with quiet_transformers():
+        from flowfactory_wan.i2v import build_i2v_policy
+
+    return build_i2v_policy(options, ctx)
+
+
+def plan_i2v(options: WanI2VOptions, ctx: BuildContext) -> PolicyPlan:
+    """`plan` for `wan-i2v`: the same parts and the image encoder, the image condition in the conditioning."""
+    with quiet_transformers():
+        from flowfactory_wan.memory import plan_i2v_policy
+
+    return plan_i2v_policy(options, ctx)
+
+
 @hookimpl
 def register_policies(register: Any) -> None:
     register("wan", build, options=WanOptions, plan=plan,
              summary="Wan 2.1/2.2 text-to-video (diffusers), CFG, two experts, LoRA or full finetune; preset tiny.")
+    register("wan-i2v", build_i2v, options=WanI2VOptions, plan=plan_i2v,
+             summary="Wan 2.1/2.2 image-to-video and first-last-frame from a record's images (diffusers); preset tiny.")
