@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("policy, pipeline", [
     ("flux", "FluxPipeline"),
+    ("flux-kontext", "FluxKontextPipeline"),
     ("sd3", "StableDiffusion3Pipeline"),
     ("qwen-image", "QwenImagePipeline"),
     ("qwen-image-edit", "QwenImageEditPipeline"),
