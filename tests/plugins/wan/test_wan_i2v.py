@@ -249,3 +249,25 @@ def test_the_examples_prompt_set_encodes(make_i2v) -> None:
     assert len(prompts) >= 4 and all(len(p.images) == 1 and p.images[0].is_file() for p in prompts)
     cond = make_i2v().encode(prompts)
     assert cond["image_condition"].shape[0] == len(prompts)
+
+
+def test_validate_checks_the_prompt_sets_images(tmp_path) -> None:
+    """`ff validate`: wan-i2v needs one or two input images per record (a text set fails before any weight loads);
+    text-to-video wan refuses records with images."""
+    from flowfactory import config as ff_config
+    from flowfactory.config import ConfigError
+    from flowfactory.plugins import get_registry
+
+    def validate(policy: str, train: str) -> None:
+        data = {"policy": {"name": policy, "options": {"preset": "tiny"}},
+                "sampler": {"name": "flow-sde", "options": {"steps": 2}}, "rewards": [{"name": "brightness"}],
+                "optimizer": {"name": "grpo"}, "data": {"train": train, "eval": None},
+                "train": {"prompts_per_epoch": 2, "group_size": 2}}
+        ff_config.validate(data, str(tmp_path / "run.yaml"), get_registry())
+
+    images = str(ROOT / "examples" / "prompts" / "wan-i2v-train.jsonl")
+    validate("wan-i2v", images)
+    with pytest.raises(ConfigError, match="'wan-i2v' reads 1 to 2 input image"):
+        validate("wan-i2v", "red-blue")
+    with pytest.raises(ConfigError, match="'wan' reads exactly 0 input image"):
+        validate("wan", images)

@@ -42,6 +42,7 @@ class WanOptions(DiffusersPolicyOptions):
     """Options of the `wan` policy."""
 
     pipeline_name: ClassVar[str] = "WanPipeline"
+    input_images: ClassVar[tuple[int, int]] = (0, 0)  # text-to-video: `ff validate` refuses records with images
 
     lora: WanLoraOptions | None = Field(  # type: ignore[assignment]
         None, description="Train a LoRA adapter (on every expert) with these settings; null: full finetune of "
@@ -85,6 +86,9 @@ class WanI2VOptions(WanOptions):
     """Options of the `wan-i2v` policy (every prompt record gives the first frame, or the first and last)."""
 
     pipeline_name: ClassVar[str] = "WanImageToVideoPipeline"
+    # per prompt record, checked by `ff validate`: the first frame, or the first and the last (which the model
+    # itself narrows: Wan 2.1 I2V one, FLF2V two; `encode` names a record it cannot read)
+    input_images: ClassVar[tuple[int, int]] = (1, 2)
 
     height: int | None = Field(
         None, ge=1, description="Video height in pixels (multiple of the VAE's spatial factor x patch size, 16 for "
