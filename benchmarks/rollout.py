@@ -6,7 +6,9 @@ true CFG) and wan (WanPipeline, videos: the image difference is over every frame
 
 qwen-image-edit and qwen-image-edit-plus (QwenImageEditPipeline, QwenImageEditPlusPipeline) edit records with
 source PNGs too; their stock pipelines run at the policy's input-image areas (`pipeline_areas`), the Plus one a
-record at a time (it takes one prompt per call).
+record at a time (it takes one prompt per call). wan-i2v (WanImageToVideoPipeline, the tiny Wan 2.1 I2V with its CLIP
+image encoder) takes each record's source as the first frame; the stock pipeline runs a record at a time, since it
+takes one image for its whole batch.
 
 Both sides start from the same prompts and packed latents, use the same weights (the tiny preset's seed,
 built once for the policy and once, independently, for a stock pipeline; or the same `--model` folder),
@@ -17,6 +19,7 @@ sides after one warm-up each, so drift in machine load hits both.
     python benchmarks/rollout.py --steps 4 --batch 4 --repeats 3
     python benchmarks/rollout.py --model /path/to/FluxPipeline-folder --height 512 --width 512
     python benchmarks/rollout.py --policy wan --batch 8     # tiny Wan, 5 frames of 16x16
+    python benchmarks/rollout.py --policy wan-i2v --batch 4 # tiny Wan 2.1 I2V, 5 frames of 16x16
 
 Prints the median seconds of each side, the ratio ours / pipeline (target <= 1.0), the largest absolute
 difference between the two sides' images, and the time of one velocity call at the batch size.
@@ -51,6 +54,7 @@ with quiet_transformers():  # no torchvision warnings for image processors these
         QwenImageEditPlusPipeline,
         QwenImagePipeline,
         StableDiffusion3Pipeline,
+        WanImageToVideoPipeline,
         WanPipeline,
     )
 
@@ -149,6 +153,19 @@ def _qwen_edit_invoke(pipe: Any, pol: Any, records: list[Prompt], kwargs: dict[s
                     negative_prompt=None if neg is None else [neg] * len(records), **kwargs).images
 
 
+def _wan_i2v_invoke(pipe: Any, pol: Any, records: list[Prompt], kwargs: dict[str, Any]) -> torch.Tensor:
+    # a record a call: the pipeline takes one image (and last_image) for its whole batch
+    from PIL import Image
+
+    latents = kwargs.pop("latents")
+    out = []
+    for i, r in enumerate(records):
+        images = [Image.open(p).convert("RGB") for p in r.images]
+        last = {"last_image": images[1]} if len(images) > 1 else {}
+        out.append(pipe(prompt=r.text, image=images[0], latents=latents[i:i + 1], **last, **kwargs).frames)
+    return torch.cat(out)
+
+
 PIPELINES: dict[str, Stock] = {
     "flux": Stock(FluxPipeline, "flowfactory_flux.tiny", lambda pol: {"guidance_scale": pol.guidance_scale}),
     "flux-kontext": Stock(FluxKontextPipeline, "flowfactory_flux.tiny",
@@ -165,6 +182,8 @@ PIPELINES: dict[str, Stock] = {
                                   prepare=_qwen_prefix, builder="build_tiny_edit_plus_pipeline",
                                   inputs=lambda pol, records: {}, invoke=_qwen_edit_invoke, load=_qwen_edit_load),
     "wan": Stock(WanPipeline, "flowfactory_wan.tiny", _wan_call, output="frames"),
+    "wan-i2v": Stock(WanImageToVideoPipeline, "flowfactory_wan.tiny", _wan_call, output="frames",
+                     builder="build_tiny_i2v_pipeline", inputs=lambda pol, records: {}, invoke=_wan_i2v_invoke),
 }
 
 
@@ -210,7 +229,7 @@ def main() -> None:
 
     # the stock pipeline in the policy's dtypes (a full finetune keeps its transformer in float32)
     dtypes = {"transformer": policy.compute_dtype, "default": getattr(torch, args.dtype)}
-    if args.policy == "wan":
+    if args.policy in ("wan", "wan-i2v"):
         dtypes["transformer_2"] = policy.compute_dtype
     if args.model:
         pipe = stock.pipeline.from_pretrained(args.model, dtype=dtypes, **(stock.load(args.model) if stock.load else {}))
