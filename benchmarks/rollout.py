@@ -2,13 +2,14 @@
 
 Policies (`--policy NAME`): flux (FluxPipeline), flux-kontext (FluxKontextPipeline: each prompt is a record
 with a source image, which both sides encode), sd3 (StableDiffusion3Pipeline), qwen-image (QwenImagePipeline,
-true CFG) and wan (WanPipeline, videos: the image difference is over every frame).
+true CFG), wan (WanPipeline, videos: the image difference is over every frame) and z-image (ZImagePipeline).
 
 qwen-image-edit and qwen-image-edit-plus (QwenImageEditPipeline, QwenImageEditPlusPipeline) edit records with
 source PNGs too; their stock pipelines run at the policy's input-image areas (`pipeline_areas`), the Plus one a
 record at a time (it takes one prompt per call). wan-i2v (WanImageToVideoPipeline, the tiny Wan 2.1 I2V with its CLIP
 image encoder) takes each record's source as the first frame; the stock pipeline runs a record at a time, since it
-takes one image for its whole batch.
+takes one image for its whole batch. flux2 and flux2-klein (Flux2Pipeline, Flux2KleinPipeline; klein with CFG
+when its guidance_scale > 1) take their initial latents as the patchified grid, which `policy.unpack` gives.
 
 Both sides start from the same prompts and packed latents, use the same weights (the tiny preset's seed,
 built once for the policy and once, independently, for a stock pipeline; or the same `--model` folder),
@@ -48,6 +49,8 @@ from flowfactory.samplers.flow import ODESampler
 
 with quiet_transformers():  # no torchvision warnings for image processors these pipelines never use
     from diffusers import (
+        Flux2KleinPipeline,
+        Flux2Pipeline,
         FluxKontextPipeline,
         FluxPipeline,
         QwenImageEditPipeline,
@@ -56,6 +59,7 @@ with quiet_transformers():  # no torchvision warnings for image processors these
         StableDiffusion3Pipeline,
         WanImageToVideoPipeline,
         WanPipeline,
+        ZImagePipeline,
     )
 
 PROMPTS = ["a red square", "a blue circle", "a green car", "a yellow star"]
@@ -83,6 +87,8 @@ class Stock:
     invoke: Callable[[Any, Any, list[Any], dict[str, Any]], torch.Tensor] | None = None
     # model folder -> extra from_pretrained arguments (components the stock loader cannot load here)
     load: Callable[[str], dict[str, Any]] | None = None
+    # (policy, our initial latents) -> the pipeline's `latents=` (FLUX.2's pipelines take the patchified grid)
+    latents: Callable[[Any, torch.Tensor], torch.Tensor] = lambda pol, z: z.clone()
 
 
 def _qwen_prefix(pipe: Any, pol: Any) -> None:
@@ -100,6 +106,15 @@ def _wan_call(pol: Any) -> dict[str, Any]:
     if pol.transformer_2 is not None:
         extra["guidance_scale_2"] = pol.guidance_scale_2
     return extra
+
+
+def _zimage_call(pol: Any) -> dict[str, Any]:
+    # CFG on when guidance_scale > 0 (ZImagePipeline's rule); its negative prompt, a list as long as the batch,
+    # defaults to empty prompts, which is the policy's default too
+    if pol.negative_prompt:
+        raise ValueError("benchmarks/rollout.py runs z-image with its default empty negative prompt only")
+    return {"guidance_scale": pol.guidance_scale, "cfg_normalization": pol.cfg_normalization,
+            "cfg_truncation": pol.cfg_truncation}
 
 
 def _kontext_inputs(pol: Any, records: list[Prompt]) -> dict[str, Any]:
@@ -171,6 +186,11 @@ PIPELINES: dict[str, Stock] = {
     "flux-kontext": Stock(FluxKontextPipeline, "flowfactory_flux.tiny",
                           lambda pol: {"guidance_scale": pol.guidance_scale}, builder="build_tiny_kontext_pipeline",
                           inputs=_kontext_inputs),
+    "flux2": Stock(Flux2Pipeline, "flowfactory_flux2.tiny", lambda pol: {"guidance_scale": pol.guidance_scale},
+                   latents=lambda pol, z: pol.unpack(z)),
+    "flux2-klein": Stock(Flux2KleinPipeline, "flowfactory_flux2.tiny",
+                         lambda pol: {"guidance_scale": pol.guidance_scale},
+                         builder="build_tiny_klein_pipeline", latents=lambda pol, z: pol.unpack(z)),
     "sd3": Stock(StableDiffusion3Pipeline, "flowfactory_sd3.tiny",
                  lambda pol: {"guidance_scale": pol.guidance_scale, "negative_prompt": _cfg_negative(pol)}),
     "qwen-image": Stock(QwenImagePipeline, "flowfactory_qwen_image.tiny", _qwen_call,
@@ -184,6 +204,7 @@ PIPELINES: dict[str, Stock] = {
     "wan": Stock(WanPipeline, "flowfactory_wan.tiny", _wan_call, output="frames"),
     "wan-i2v": Stock(WanImageToVideoPipeline, "flowfactory_wan.tiny", _wan_call, output="frames",
                      builder="build_tiny_i2v_pipeline", inputs=lambda pol, records: {}, invoke=_wan_i2v_invoke),
+    "z-image": Stock(ZImagePipeline, "flowfactory_zimage.tiny", _zimage_call),
 }
 
 
@@ -260,7 +281,8 @@ def main() -> None:
 
     def theirs() -> torch.Tensor:
         kwargs = dict(height=policy.height, width=policy.width, num_inference_steps=args.steps,
-                      max_sequence_length=policy.max_sequence_length, latents=z.clone(), output_type="pt",
+                      max_sequence_length=policy.max_sequence_length, latents=stock.latents(policy, z),
+                      output_type="pt",
                       **stock.call(policy), **extra)
         if stock.invoke is not None:
             return stock.invoke(pipe, policy, prompts, kwargs)

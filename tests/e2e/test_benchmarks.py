@@ -19,11 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("policy, pipeline", [
     ("flux", "FluxPipeline"),
     ("flux-kontext", "FluxKontextPipeline"),
+    ("flux2", "Flux2Pipeline"),
+    ("flux2-klein", "Flux2KleinPipeline"),
     ("sd3", "StableDiffusion3Pipeline"),
     ("qwen-image", "QwenImagePipeline"),
     ("qwen-image-edit", "QwenImageEditPipeline"),
     ("qwen-image-edit-plus", "QwenImageEditPlusPipeline"),
     ("wan", "WanPipeline"),
+    ("z-image", "ZImagePipeline"),
 ])
 def test_rollout_benchmark_runs_and_matches_the_stock_pipeline(policy: str, pipeline: str) -> None:
     result = subprocess.run(
