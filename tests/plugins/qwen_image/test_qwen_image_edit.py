@@ -325,3 +325,21 @@ def test_plan_matches_the_conditioning(registry: Any, sources: list[Path]) -> No
         cond = policy.encode([Prompt("make it red", images=images)])
         assert plan.conditioning == {k: (tuple(v.shape[1:]), dtype_name(v.dtype)) for k, v in cond.items()}
         assert plan.latent_shape == policy.latent_shape
+
+
+def test_plan_of_qwen_image_edit_at_real_size(registry: Any) -> None:
+    """`ff plan` on Qwen-Image-Edit's configs (tests/data/model-configs/qwen-image-edit: Qwen-Image's components
+    under QwenImageEditPipeline, config files only): the 20.43B transformer, and per record the 1024x1024 input's
+    latents padded to the longest input any aspect ratio gives (4920 tokens of 64 channels) beside 2048
+    conditioning tokens of Qwen2.5-VL, twice with true CFG."""
+    folder = Path(__file__).resolve().parents[2] / "data" / "model-configs" / "qwen-image-edit"
+    spec = registry.get("policy", "qwen-image-edit")
+    options = spec.options.model_validate({"model": str(folder), "height": 512, "width": 512})
+    plan = spec.plan(options, BuildContext(seed=0))
+    assert next(p for p in plan.parts if p.name == "transformer").parameters == 20_430_401_088
+    assert plan.latent_shape == (1024, 64)
+    assert plan.conditioning == {
+        "prompt_embeds": ((2048, 3584), "bfloat16"), "prompt_embeds_mask": ((2048,), "int64"),
+        "negative_prompt_embeds": ((2048, 3584), "bfloat16"), "negative_prompt_embeds_mask": ((2048,), "int64"),
+        "image_latents": ((max_image_tokens(1024 * 1024, 16), 64), "bfloat16"), "image_shapes": ((1, 2), "int64")}
+    assert max_image_tokens(1024 * 1024, 16) == 4920
