@@ -38,7 +38,7 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def wheels(session: nox.Session) -> None:
-    """tests/packaging: build core, cli, flux and grpo (wheel and sdist), check each holds its package's files, then
+    """tests/packaging: build core, cli, diffusers, flux and grpo (wheel and sdist), check each holds its package's files, then
     `pip install --find-links DIST flowfactory-cli flowfactory-flux flowfactory-grpo` into a clean venv and run
     `ff --version`, `ff list` and a 2-epoch quickstart there. Needs only pytest and build here (--noconftest: the
     shared conftest imports flowfactory, which this session does not install)."""

@@ -144,7 +144,7 @@ def materialise(src: Path, dest: Path, *, device: str, dtype_name: str, shrink: 
     import torch
     from torch import nn
 
-    from flowfactory.policies import quiet_transformers
+    from flowfactory_diffusers import quiet_transformers
 
     with quiet_transformers():
         import diffusers  # its pipelines' import-time notes (torchvision) stay quiet

@@ -25,8 +25,8 @@ import tempfile
 import torch
 
 from flowfactory.plugins import load
-from flowfactory.policies import quiet_transformers
 from flowfactory.registry import BuildContext
+from flowfactory_diffusers import quiet_transformers
 
 POLICIES = ("flux", "sd3", "qwen-image", "wan")
 

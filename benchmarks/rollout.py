@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from flowfactory.plugins import load
-from flowfactory.policies import quiet_transformers
 from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import ODESampler
+from flowfactory_diffusers import quiet_transformers
 
 with quiet_transformers():  # no torchvision warnings for image processors these pipelines never use
     from diffusers import (

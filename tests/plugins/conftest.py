@@ -18,6 +18,6 @@ def gens() -> Callable[..., list[torch.Generator]]:
 def perturb() -> Callable[..., None]:
     """perturb(params, seed, scale=0.05): add seeded Gaussian noise in place (stands in for training); the
     diffusers suite's own helper, so plugin tests and the suite move weights the same way."""
-    from flowfactory.testing.diffusers import perturb as perturb_
+    from flowfactory_diffusers.testing import perturb as perturb_
 
     return perturb_

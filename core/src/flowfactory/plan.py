@@ -11,7 +11,8 @@ step count and `Requirements`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -75,6 +76,31 @@ class Part:
     def trainable_elements(self) -> int:
         return sum(self.trainable.values())
 
+
+
+def count_module(module: Any, trainable: Callable[[str, Any], bool]) -> tuple[Counter[str], Counter[str], int, int]:
+    """(trainable elements by dtype, frozen elements (parameters and buffers) by dtype, trainable tensors,
+    parameters) of a torch module (real or on the meta device); `trainable(name, p)` says which parameters the
+    optimizer updates."""
+    train, frozen = Counter[str](), Counter[str]()
+    tensors = params = 0
+    for name, p in module.named_parameters():
+        params += p.numel()
+        if trainable(name, p):
+            train[dtype_name(p.dtype)] += p.numel()
+            tensors += 1
+        else:
+            frozen[dtype_name(p.dtype)] += p.numel()
+    for b in module.buffers():
+        frozen[dtype_name(b.dtype)] += b.numel()
+    return train, frozen, tensors, params
+
+
+def module_part(name: str, role: Role, module: Any, trainable: Callable[[str, Any], bool] = lambda n, p: False, *,
+                host: bool = False) -> Part:
+    """A `Part` counted from a torch module (meta or real); `host`: it stays in CPU memory between uses."""
+    train, frozen, tensors, params = count_module(module, trainable)
+    return Part(name, role, type(module).__name__, params, dict(train), dict(frozen), tensors, host)
 
 @dataclass(frozen=True)
 class PolicyPlan:

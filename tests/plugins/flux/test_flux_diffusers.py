@@ -7,8 +7,7 @@ from pathlib import Path
 
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from flowfactory.testing import DiffusersPolicyContract
-from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
+from flowfactory_diffusers.testing import COMMON_BAD_OPTIONS, DiffusersPolicyContract
 from flowfactory_flux.tiny import build_tiny_pipeline
 
 

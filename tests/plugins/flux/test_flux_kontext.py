@@ -21,9 +21,8 @@ from flowfactory.plugins import load
 from flowfactory.prompts import Prompt
 from flowfactory.registry import BuildContext
 from flowfactory.samplers.flow import ODESampler
-from flowfactory.testing import DiffusersPolicyContract
 from flowfactory.testing.contracts import make_generators
-from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
+from flowfactory_diffusers.testing import COMMON_BAD_OPTIONS, DiffusersPolicyContract
 from flowfactory_flux.tiny import build_tiny_kontext_pipeline
 
 SIZE = 32

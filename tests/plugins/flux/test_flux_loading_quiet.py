@@ -10,7 +10,7 @@ from diffusers import FluxPipeline
 from diffusers.utils import logging as dlog
 from transformers.utils import logging as tlog
 
-from flowfactory.policies.diffusers import load_pipeline
+from flowfactory_diffusers.policy import load_pipeline
 
 
 def test_from_pretrained_prints_no_progress_bars(tiny_dir: Path, capfd) -> None:

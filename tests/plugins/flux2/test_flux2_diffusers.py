@@ -12,8 +12,8 @@ from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransform
 
 from flowfactory.prompts import texts
 from flowfactory.registry import Registry
-from flowfactory.testing import DiffusersPolicyContract, override_contract
-from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
+from flowfactory.testing import override_contract
+from flowfactory_diffusers.testing import COMMON_BAD_OPTIONS, DiffusersPolicyContract
 from flowfactory_flux2.tiny import build_tiny_klein_pipeline, build_tiny_pipeline
 
 README = Path(__file__).resolve().parents[3] / "plugins" / "flowfactory-flux2" / "README.md"

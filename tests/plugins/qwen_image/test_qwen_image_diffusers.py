@@ -10,8 +10,8 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
 from flowfactory.registry import Registry
-from flowfactory.testing import DiffusersPolicyContract, override_contract
-from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
+from flowfactory.testing import override_contract
+from flowfactory_diffusers.testing import COMMON_BAD_OPTIONS, DiffusersPolicyContract
 from flowfactory_qwen_image.tiny import build_tiny_pipeline
 
 

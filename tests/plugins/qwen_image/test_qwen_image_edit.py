@@ -22,8 +22,7 @@ from flowfactory.plan import dtype_name
 from flowfactory.plugins import load
 from flowfactory.prompts import Prompt
 from flowfactory.registry import BuildContext
-from flowfactory.testing import DiffusersPolicyContract
-from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
+from flowfactory_diffusers.testing import COMMON_BAD_OPTIONS, DiffusersPolicyContract
 from flowfactory_qwen_image.edit import (
     MAX_ASPECT,
     REAL_CONDITION_AREA,

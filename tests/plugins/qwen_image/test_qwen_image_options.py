@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.options import DEFAULT_LORA_TARGETS
+from flowfactory_diffusers.options import DEFAULT_LORA_TARGETS
 from flowfactory_qwen_image import QWEN_IMAGE_LORA_TARGETS, QwenImageOptions
 
 

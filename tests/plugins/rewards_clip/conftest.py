@@ -1,6 +1,6 @@
 """Tiny random CLIP models, processors and weight files for the CLIP reward tests, built once per session.
 
-Nothing is downloaded: the tokenizer is flowfactory.testing.tokenizers' character-level CLIP BPE, the models are
+Nothing is downloaded: the tokenizer is flowfactory_diffusers.tokenizers' character-level CLIP BPE, the models are
 random `CLIPModel(CLIPConfig(...))` saved with save_pretrained.
 """
 
@@ -32,7 +32,7 @@ def one_thread() -> Any:
 def tiny_clip(seed: int, act: str = "quick_gelu", eos: int = 1, vocab: int | None = None) -> Any:
     from transformers import CLIPConfig, CLIPModel
 
-    from flowfactory.testing.tokenizers import clip_tokenizer
+    from flowfactory_diffusers.tokenizers import clip_tokenizer
 
     torch.manual_seed(seed)
     text = dict(vocab_size=vocab or len(clip_tokenizer()), hidden_size=32, intermediate_size=64,
@@ -47,7 +47,7 @@ def tiny_clip(seed: int, act: str = "quick_gelu", eos: int = 1, vocab: int | Non
 def tiny_processor() -> Any:
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from flowfactory.testing.tokenizers import clip_tokenizer
+    from flowfactory_diffusers.tokenizers import clip_tokenizer
 
     images = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
                                 image_mean=list(MEAN), image_std=list(STD), resample=3)

@@ -8,8 +8,7 @@ from typing import Any
 
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from flowfactory.testing import DiffusersPolicyContract
-from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
+from flowfactory_diffusers.testing import COMMON_BAD_OPTIONS, DiffusersPolicyContract
 from flowfactory_sd3.tiny import build_tiny_pipeline
 
 

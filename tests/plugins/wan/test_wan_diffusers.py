@@ -12,7 +12,8 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from torch import nn
 
 from flowfactory.registry import Registry
-from flowfactory.testing import DiffusersPolicyContract, override_contract
+from flowfactory.testing import override_contract
+from flowfactory_diffusers.testing import DiffusersPolicyContract
 from flowfactory_wan.tiny import build_tiny_pipeline
 
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from flowfactory.prompts import Prompt
 from flowfactory.registry import Registry
-from flowfactory.testing import DiffusersPolicyContract, override_contract
-from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
+from flowfactory.testing import override_contract
+from flowfactory_diffusers.testing import COMMON_BAD_OPTIONS, DiffusersPolicyContract
 from flowfactory_wan.tiny import build_tiny_i2v_pipeline
 
 SIZE, FRAMES = 16, 5

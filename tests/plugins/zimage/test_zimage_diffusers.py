@@ -10,8 +10,8 @@ import torch
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
 from flowfactory.registry import Registry
-from flowfactory.testing import DiffusersPolicyContract, override_contract
-from flowfactory.testing.diffusers import COMMON_BAD_OPTIONS
+from flowfactory.testing import override_contract
+from flowfactory_diffusers.testing import COMMON_BAD_OPTIONS, DiffusersPolicyContract
 from flowfactory_zimage.tiny import build_tiny_pipeline
 
 PROMPTS = ("a red square", "a blue circle")

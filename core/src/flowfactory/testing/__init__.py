@@ -6,8 +6,9 @@
         component = "my-policy"
         options = {"preset": "tiny"}
 
-`DiffusersPolicyContract` (in `flowfactory.testing.diffusers`) checks a diffusers-based policy against stock
-diffusers: parity with the pipeline's `__call__`, LoRA and full-finetune saves it loads, options and build errors.
+`DiffusersPolicyContract`, which checks a diffusers-based policy against stock diffusers, lives in the
+flowfactory-diffusers package (`from flowfactory_diffusers.testing import DiffusersPolicyContract`); the name here
+is a deprecated alias, removed in flowfactory 0.2.
 
 A suite's `test_*` methods are its contract: a subclass that redefines or deletes one fails the suite's
 `test_no_overrides`, unless the override is marked with `override_contract("reason")`.
@@ -49,8 +50,7 @@ def override_contract(reason: str) -> Callable[[_F], _F]:
 _CONTRACTS = ("PolicyContract", "SamplerContract", "RewardContract", "OptimizerContract",
               "load_registry", "make_generators", "max_abs_diff")
 
-_SUITES = {**{name: "flowfactory.testing.contracts" for name in _CONTRACTS},
-           "DiffusersPolicyContract": "flowfactory.testing.diffusers"}
+_SUITES = {name: "flowfactory.testing.contracts" for name in _CONTRACTS}
 
 __all__ = [*_SUITES, "ToyPolicy", "override_contract"]
 
@@ -62,12 +62,17 @@ def __getattr__(name: str) -> Any:
 
         import pytest
 
-        # Plain asserts in the suites get pytest's detailed failure messages (the diffusers suite builds on
-        # the contracts module, so both are registered before either is imported).
-        fresh = [m for m in ("flowfactory.testing.contracts", _SUITES[name]) if m not in sys.modules]
-        if fresh:
-            pytest.register_assert_rewrite(*fresh)
+        # Plain asserts in the suites get pytest's detailed failure messages.
+        if _SUITES[name] not in sys.modules:
+            pytest.register_assert_rewrite(_SUITES[name])
         return getattr(importlib.import_module(_SUITES[name]), name)
+    if name == "DiffusersPolicyContract":  # deprecated alias: the suite moved to flowfactory-diffusers
+        from flowfactory._moved import moved
+
+        suite = moved("flowfactory.testing.DiffusersPolicyContract", "flowfactory_diffusers.testing",
+                      "flowfactory-diffusers").DiffusersPolicyContract
+        globals()[name] = suite  # warn once
+        return suite
     if name == "ToyPolicy":
         from flowfactory.testing.toy import ToyPolicy
 

@@ -31,8 +31,7 @@ def _plan(options: ToyOptions, ctx):
     the character table it encodes prompts with, float32 pixel latents."""
     import torch
 
-    from flowfactory.plan import Part, PolicyPlan
-    from flowfactory.policies.plan import module_part
+    from flowfactory.plan import Part, PolicyPlan, module_part
     from flowfactory.testing.toy import ToyVelocityNet
 
     channels, cond_dim = 3, 16  # ToyPolicy's defaults, which `_build` keeps

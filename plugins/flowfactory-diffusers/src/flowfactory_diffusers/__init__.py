@@ -1,7 +1,13 @@
-"""Shared building blocks for diffusers-based policy plugins.
+"""flowfactory-diffusers: what diffusers-based policy plugins share, kept out of flowfactory's model-agnostic core.
 
-`flowfactory.policies.options` is pydantic-only (safe for entry-point modules); `flowfactory.policies.diffusers`
-imports torch, diffusers and peft, so only a plugin's build function should import it.
+A library, not a plugin: it registers no component (it has no entry point). Its modules:
+
+- `flowfactory_diffusers.options`: the option models (pydantic only, safe for entry-point modules);
+- `flowfactory_diffusers.policy`: `DiffusersPolicyBase` and the loading, LoRA, dtype and saving helpers (imports
+  torch, diffusers and peft: import it from a build function only);
+- `flowfactory_diffusers.plan`: the diffusers half of `ff plan` (meta-device modules from config files);
+- `flowfactory_diffusers.testing`: `DiffusersPolicyContract`, the pytest suite against stock diffusers;
+- `flowfactory_diffusers.tokenizers`: in-memory tokenizers for tiny test models.
 """
 
 from __future__ import annotations

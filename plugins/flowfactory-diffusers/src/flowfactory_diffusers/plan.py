@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +18,9 @@ import torch
 from torch import nn
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.plan import Part, Role, dtype_name
-from flowfactory.policies.diffusers import HUB_ID, TRANSFORMERS, add_lora, cast_parts, resolve_dtype
+from flowfactory.plan import Part, Role, count_module, module_part  # noqa: F401  (re-exported: plugins import them here)
 from flowfactory.registry import BuildContext
+from flowfactory_diffusers.policy import HUB_ID, TRANSFORMERS, add_lora, cast_parts, resolve_dtype
 
 
 @contextmanager
@@ -82,30 +81,6 @@ def _from_configs(pipeline_cls: type, model: str, revision: str | None, *, polic
             f"model_index.json and <component>/config.json (no weights); check the id, network and login, or give a "
             f"local folder.") from exc
     return modules
-
-
-def count(module: nn.Module, trainable: Callable[[str, nn.Parameter], bool]) -> tuple[Counter[str], Counter[str], int, int]:
-    """(trainable elements by dtype, frozen elements (parameters and buffers) by dtype, trainable tensors,
-    parameters) of `module`; `trainable(name, p)` says which parameters the optimizer updates."""
-    train, frozen = Counter[str](), Counter[str]()
-    tensors = params = 0
-    for name, p in module.named_parameters():
-        params += p.numel()
-        if trainable(name, p):
-            train[dtype_name(p.dtype)] += p.numel()
-            tensors += 1
-        else:
-            frozen[dtype_name(p.dtype)] += p.numel()
-    for b in module.buffers():
-        frozen[dtype_name(b.dtype)] += b.numel()
-    return train, frozen, tensors, params
-
-
-def module_part(name: str, role: Role, module: nn.Module,
-                trainable: Callable[[str, nn.Parameter], bool] = lambda n, p: False, *, host: bool = False) -> Part:
-    """A `Part` counted from `module` (meta or real); `host`: it stays in CPU memory between uses."""
-    train, frozen, tensors, params = count(module, trainable)
-    return Part(name, role, type(module).__name__, params, dict(train), dict(frozen), tensors, host)
 
 
 def frozen_role(name: str) -> Role:

@@ -94,7 +94,7 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 
 class LoraSettings(Protocol):
-    """The LoRA fields a policy reads (`flowfactory.policies.options.LoraOptions` has them)."""
+    """The LoRA fields a policy reads (`flowfactory_diffusers.options.LoraOptions` has them)."""
 
     rank: int
     alpha: float | None

@@ -22,10 +22,10 @@ from diffusers import FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux_kontext import retrieve_latents
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import load_or_build, training_kwargs
 from flowfactory.prompts import Prompt, as_prompts
 from flowfactory.registry import BuildContext
 from flowfactory.types import Conditioning
+from flowfactory_diffusers.policy import load_or_build, training_kwargs
 from flowfactory_flux import FluxKontextOptions
 from flowfactory_flux.policy import REAL_MAX_SEQUENCE_LENGTH, REAL_SIZE, TINY_MAX_SEQUENCE_LENGTH, TINY_SIZE, FluxPolicy
 

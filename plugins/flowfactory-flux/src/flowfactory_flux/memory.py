@@ -8,8 +8,8 @@ from typing import Any
 from diffusers import FluxKontextPipeline, FluxPipeline
 
 from flowfactory.plan import PolicyPlan, dtype_name
-from flowfactory.policies.plan import meta_modules, plan_parts
 from flowfactory.registry import BuildContext
+from flowfactory_diffusers.plan import meta_modules, plan_parts
 from flowfactory_flux import FluxKontextOptions, FluxOptions
 from flowfactory_flux.policy import (
     REAL_MAX_SEQUENCE_LENGTH,

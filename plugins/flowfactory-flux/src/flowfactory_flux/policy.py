@@ -14,11 +14,11 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
-from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
+from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_flux import FluxOptions, LoraOptions
 
 TINY_SIZE = 32
@@ -32,7 +32,7 @@ class FluxPolicy(DiffusersPolicyBase):
 
     `module` is the trainable transformer and may be replaced by the training loop with its Accelerate
     wrapper; `transformer` stays the raw diffusers model (config, adapters, saving). LoRA, the reference
-    view, trainable parameters and saving come from `flowfactory.policies.diffusers.DiffusersPolicyBase`.
+    view, trainable parameters and saving come from `flowfactory_diffusers.policy.DiffusersPolicyBase`.
     """
 
     name = "flux"

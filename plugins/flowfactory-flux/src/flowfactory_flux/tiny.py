@@ -20,7 +20,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from flowfactory.testing.tokenizers import WORDS, clip_tokenizer, t5_tokenizer
+from flowfactory_diffusers.tokenizers import WORDS, clip_tokenizer, t5_tokenizer
 
 __all__ = ["FLUX_SCHEDULER_CONFIG", "WORDS", "TinyFluxSpec", "build_tiny_kontext_pipeline", "build_tiny_pipeline",
            "clip_tokenizer", "t5_tokenizer"]

@@ -8,8 +8,8 @@ from pathlib import Path
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
 from flowfactory.plan import PolicyPlan, dtype_name
-from flowfactory.policies.plan import meta_modules, plan_parts
 from flowfactory.registry import BuildContext
+from flowfactory_diffusers.plan import meta_modules, plan_parts
 from flowfactory_flux2 import Flux2KleinOptions, Flux2Options
 from flowfactory_flux2.policy import (
     REAL_MAX_SEQUENCE_LENGTH,

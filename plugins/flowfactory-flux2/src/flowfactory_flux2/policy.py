@@ -7,7 +7,7 @@ What FLUX.2 shares lives in `Flux2Policy`: latents drawn already patchified ([4C
 pipeline's own `encode_prompt`) and their guidance: FLUX.2 [dev] feeds a distilled guidance scale to the
 transformer; FLUX.2 [klein] runs true CFG against the empty prompt, unless the model is step-distilled. The math
 follows the pipelines' `__call__`, so an ODE rollout reproduces their image from the same latents. LoRA, the
-reference view, trainable parameters and saving are the shared `flowfactory.policies.diffusers.DiffusersPolicyBase`.
+reference view, trainable parameters and saving are the shared `flowfactory_diffusers.policy.DiffusersPolicyBase`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, retrieve_timesteps
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.prompts import Prompt, as_prompts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
+from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_flux2 import Flux2KleinOptions, Flux2LoraOptions, Flux2Options
 
 TINY_SIZE = 32

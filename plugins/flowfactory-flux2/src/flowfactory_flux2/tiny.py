@@ -11,7 +11,7 @@ the pipelines do) whose batch-norm statistics are random, so de-normalising the 
   PixtralProcessor needs torchvision, and for text-only prompts the pipeline uses only its chat template and
   tokenizer, which a tokenizer provides alike.
 - FLUX.2 [klein] (`build_tiny_klein_pipeline`): a narrow Qwen3ForCausalLM (28 layers: Flux2KleinPipeline reads
-  9, 18, 27) with the in-memory byte-level Qwen2 tokenizer of `flowfactory.testing.tokenizers` and a ChatML
+  9, 18, 27) with the in-memory byte-level Qwen2 tokenizer of `flowfactory_diffusers.tokenizers` and a ChatML
   template that honours `enable_thinking=False`; not step-distilled (`is_distilled=False`), so CFG can be tested.
 """
 
@@ -40,7 +40,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from flowfactory.testing.tokenizers import WORDS, qwen2_tokenizer
+from flowfactory_diffusers.tokenizers import WORDS, qwen2_tokenizer
 
 __all__ = ["FLUX2_SCHEDULER_CONFIG", "TinyFlux2Spec", "build_tiny_klein_pipeline", "build_tiny_pipeline",
            "klein_tokenizer", "mistral_tokenizer"]
@@ -123,7 +123,7 @@ def mistral_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def klein_tokenizer() -> Qwen2Tokenizer:
-    """The byte-level Qwen2 tokenizer of `flowfactory.testing.tokenizers` with Qwen3's thinking tokens and a ChatML
+    """The byte-level Qwen2 tokenizer of `flowfactory_diffusers.tokenizers` with Qwen3's thinking tokens and a ChatML
     template."""
     tokenizer = qwen2_tokenizer()
     tokenizer.add_tokens(list(KLEIN_THINK_TOKENS), special_tokens=True)

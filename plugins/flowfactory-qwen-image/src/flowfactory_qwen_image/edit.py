@@ -33,10 +33,10 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 from PIL import Image
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import _tokenizer_digest, load_or_build, training_kwargs
 from flowfactory.prompts import Prompt, as_prompts
 from flowfactory.registry import BuildContext
 from flowfactory.types import Conditioning, select_rows
+from flowfactory_diffusers.policy import _tokenizer_digest, load_or_build, training_kwargs
 from flowfactory_qwen_image.policy import REAL_TRUE_CFG_SCALE, TINY_SIZE, QwenImagePolicy
 
 REAL_IMAGE_AREA = VAE_IMAGE_SIZE  # 1024 * 1024: both pipelines' input-image area for the VAE
@@ -71,38 +71,54 @@ def max_image_tokens(area: int, unit: int) -> int:
     return best
 
 
-def vl_processor(image_processor: Any, tokenizer: Any) -> Any:
-    """A `Qwen2VLProcessor` of an image processor and a tokenizer, without a video processor.
+def vl_processor(image_processor: Any, tokenizer: Any, *, cls: type | None = None,
+                 chat_template: str | None = None) -> Any:
+    """A Qwen VL processor (`cls`: `Qwen2VLProcessor` by default, `Qwen3VLProcessor` for Qwen-Image 2.1) of an
+    image processor and a tokenizer, without a video processor.
 
-    The editing pipelines call their processor with text and images only. transformers builds a processor's video
-    half only where torchvision is installed, and the processor's constructor refuses a missing part, so this one
-    is assembled as the constructor would assemble it; its `save_pretrained` writes the tokenizer and the image
-    processor (the files `load_processor` reads back)."""
+    The pipelines call their processor with text and images only. transformers builds a processor's video half
+    only where torchvision is installed, and the processor's constructor refuses a missing part, so the constructor
+    runs here with that one check skipped for the absent video processor (every other part is checked as usual).
+    Its `save_pretrained` writes the tokenizer, the image processor and the chat template (what `load_processor`
+    reads back)."""
     from transformers import Qwen2VLProcessor
 
-    proc = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
-    proc.chat_template = None
-    proc.image_processor, proc.tokenizer, proc.video_processor = image_processor, tokenizer, None
-    proc.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-    proc.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-    proc.image_token_id = tokenizer.convert_tokens_to_ids(proc.image_token)
-    proc.video_token_id = tokenizer.convert_tokens_to_ids(proc.video_token)
+    cls = cls or Qwen2VLProcessor
+    proc = cls.__new__(cls)
+
+    def check(name: str, arg: Any) -> Any:
+        return None if arg is None else cls.check_argument_for_proper_class(proc, name, arg)
+
+    proc.check_argument_for_proper_class = check  # the instance's own, for the constructor only
+    try:
+        cls.__init__(proc, image_processor, tokenizer, None, chat_template=chat_template)
+    finally:
+        del proc.check_argument_for_proper_class
 
     def save_pretrained(directory: str, **kwargs: Any) -> None:
         tokenizer.save_pretrained(directory)
         image_processor.save_pretrained(directory)
+        if proc.chat_template:
+            (Path(directory) / "chat_template.jinja").write_text(proc.chat_template)
 
     proc.save_pretrained = save_pretrained
     return proc
 
 
-def load_processor(folder: Path) -> Any:
-    """The pipeline's `processor` component from its folder (tokenizer files and preprocessor_config.json), as
-    `vl_processor` builds it: the image processor `AutoImageProcessor` picks for the installed packages, as
-    `Qwen2VLProcessor.from_pretrained` would, and no video processor."""
+def load_processor(folder: Path, cls: type | None = None) -> Any:
+    """The pipeline's `processor` component from its folder (tokenizer files, preprocessor_config.json, the chat
+    template as chat_template.jinja or chat_template.json, else the tokenizer's), as `vl_processor` builds it: the
+    image processor `AutoImageProcessor` picks for the installed packages, as the stock `from_pretrained` would,
+    and no video processor."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    return vl_processor(AutoImageProcessor.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder)))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    template = getattr(tokenizer, "chat_template", None)
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    elif (folder / "chat_template.json").is_file():
+        template = json.loads((folder / "chat_template.json").read_text()).get("chat_template", template)
+    return vl_processor(AutoImageProcessor.from_pretrained(str(folder)), tokenizer, cls=cls, chat_template=template)
 
 
 @contextmanager

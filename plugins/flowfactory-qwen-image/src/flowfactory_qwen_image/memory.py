@@ -5,9 +5,14 @@ from __future__ import annotations
 from diffusers import QwenImagePipeline
 
 from flowfactory.plan import PolicyPlan, dtype_name
-from flowfactory.policies.plan import meta_modules, plan_parts
 from flowfactory.registry import BuildContext
-from flowfactory_qwen_image import QwenImageEditOptions, QwenImageEditPlusOptions, QwenImageOptions
+from flowfactory_diffusers.plan import meta_modules, plan_parts
+from flowfactory_qwen_image import (
+    QwenImage21Options,
+    QwenImageEditOptions,
+    QwenImageEditPlusOptions,
+    QwenImageOptions,
+)
 from flowfactory_qwen_image.policy import (
     REAL_MAX_SEQUENCE_LENGTH,
     REAL_TRUE_CFG_SCALE,
@@ -87,4 +92,32 @@ def plan_edit_policy(options: QwenImageEditOptions, ctx: BuildContext) -> Policy
     conditioning["image_latents"] = ((tokens, vae.config.z_dim * 4), dtype_name(encoder.dtype))
     conditioning["image_shapes"] = ((images, 2), "int64")
     parts = plan_parts(modules, options, ctx, cls)
+    return PolicyPlan(parts, latent_shape, dtype_name(transformer.dtype), (3, height, width), conditioning)
+
+
+def plan_qwen21_policy(options: QwenImage21Options, ctx: BuildContext) -> PolicyPlan:
+    """What the `qwen-image-2.1` build would hold: unpatched latents [(h/16)(w/16), C] in the transformer's dtype;
+    per prompt the Qwen3-VL hidden states zero-padded to max_sequence_length and their int64 mask, twice with CFG;
+    decoded samples are the RGB of the RGBA VAE."""
+    from diffusers import QwenImage21Pipeline
+
+    from flowfactory_qwen_image import qwen21
+    from flowfactory_qwen_image.tiny import build_tiny_qwen21_pipeline
+
+    modules, tiny = meta_modules(options, ctx, QwenImage21Pipeline, lambda: build_tiny_qwen21_pipeline(ctx.seed),
+                                 policy=qwen21.QwenImage21Policy.name)
+    transformer, encoder = modules["transformer"], modules["text_encoder"]
+    size, max_len = ((qwen21.TINY_SIZE, qwen21.TINY_MAX_SEQUENCE_LENGTH) if tiny
+                     else (qwen21.REAL_SIZE, qwen21.REAL_MAX_SEQUENCE_LENGTH))
+    height = options.height or size
+    width = options.width or options.height or size
+    max_len = options.max_sequence_length or max_len
+    scale = 16  # QwenImage21Pipeline.vae_scale_factor, fixed by the pipeline
+    latent_shape = ((height // scale) * (width // scale), transformer.config.in_channels)
+    hidden = getattr(encoder.config, "text_config", encoder.config).hidden_size
+    rows = {"prompt_embeds": ((max_len, hidden), dtype_name(encoder.dtype)), "prompt_embeds_mask": ((max_len,), "int64")}
+    conditioning = dict(rows)
+    if options.true_cfg_scale > 1.0:
+        conditioning |= {f"negative_{k}": v for k, v in rows.items()}
+    parts = plan_parts(modules, options, ctx, qwen21.QwenImage21Policy)
     return PolicyPlan(parts, latent_shape, dtype_name(transformer.dtype), (3, height, width), conditioning)

@@ -5,7 +5,7 @@ dropped (its token count recomputed for the tokenizer actually loaded), true CFG
 norm rescaling, the scheduler's dynamic (exponential) shift from the image token count, 2x2-packed latents,
 timesteps in [0, 1], the VAE's per-channel latent statistics. The math follows `QwenImagePipeline.__call__`, so
 an ODE rollout reproduces the pipeline's image from the same latents. LoRA, the reference view, trainable
-parameters and saving are the shared `flowfactory.policies.diffusers.DiffusersPolicyBase`.
+parameters and saving are the shared `flowfactory_diffusers.policy.DiffusersPolicyBase`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
 
-from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
+from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_qwen_image import LoraOptions, QwenImageOptions
 
 TINY_SIZE = 32

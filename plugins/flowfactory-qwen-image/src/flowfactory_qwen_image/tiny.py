@@ -3,7 +3,7 @@
 A ~5M-parameter QwenImageTransformer2DModel (2 dual-stream blocks, 4 heads x 64) over a 4-channel, scale-1
 AutoencoderKLQwenImage (latents packed 2x2 into 16 channels, as the pipeline does), conditioned by a tiny
 Qwen2.5-VL (2 text layers, width 64, a one-block vision tower the text-to-image pipeline never uses) with the
-in-memory byte-level Qwen2 tokenizer from `flowfactory.testing.tokenizers`. The editing pipelines
+in-memory byte-level Qwen2 tokenizer from `flowfactory_diffusers.tokenizers`. The editing pipelines
 (`build_tiny_edit_pipeline`) add Qwen's vision tokens to that tokenizer, a Qwen2VLProcessor matching the vision
 tower, and a scale-2 VAE.
 """
@@ -25,7 +25,7 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from flowfactory.testing.tokenizers import QWEN_SPECIAL_TOKENS, qwen2_tokenizer
+from flowfactory_diffusers.tokenizers import QWEN_SPECIAL_TOKENS, qwen2_tokenizer
 
 # Qwen/Qwen-Image's scheduler configuration: exponential dynamic shift (mu from the image token count). The hub
 # file cannot be read offline; these values agree with two independent public reimplementations of that scheduler.
@@ -121,7 +121,7 @@ VISION_TOKENS: tuple[str, ...] = ("<|vision_start|>", "<|vision_end|>", "<|image
 
 
 def qwen2_vl_tokenizer() -> Qwen2Tokenizer:
-    """`flowfactory.testing.tokenizers.qwen2_tokenizer` with Qwen2.5-VL's vision tokens as single special tokens,
+    """`flowfactory_diffusers.tokenizers.qwen2_tokenizer` with Qwen2.5-VL's vision tokens as single special tokens,
     which the processor expands (`<|image_pad|>`, once per vision token) and the text encoder looks for."""
     tokenizer = qwen2_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [*QWEN_SPECIAL_TOKENS[1:], *VISION_TOKENS]})
@@ -175,3 +175,98 @@ def build_tiny_edit_pipeline(seed: int, spec: TinyQwenImageEditSpec = TinyQwenIm
 def build_tiny_edit_plus_pipeline(seed: int, spec: TinyQwenImageEditSpec = TinyQwenImageEditSpec()) -> Any:
     """`build_tiny_edit_pipeline(seed, spec, plus=True)`."""
     return build_tiny_edit_pipeline(seed, spec, plus=True)
+
+
+# -- Qwen-Image 2.1 ---------------------------------------------------------------------------------------------
+
+# A chat template that renders messages as Qwen's does ("<|im_start|>role\ntext<|im_end|>\n"): QwenImage21Pipeline
+# counts the system message's tokens with it to know how many leading hidden states to drop.
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+                      "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+                      "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}")
+
+# A dynamic-shift flow-matching schedule for the tiny preset (Qwen/Qwen-Image-2.1's own comes with its folder).
+QWEN_IMAGE_21_TINY_SCHEDULER_CONFIG: dict[str, object] = dict(
+    base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+    shift=1.0, time_shift_type="exponential", use_dynamic_shifting=True)
+
+
+@dataclass(frozen=True)
+class TinyQwenImage21Spec:
+    """Sizes of the tiny Qwen-Image 2.1 pipeline. The defaults give a ~2.3M-parameter single-stream transformer over
+    16 latent channels; the VAE has the pipeline's fixed 16x spatial compression (five stages), so a 64x64 image is
+    4x4 latent tokens."""
+
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    attention_head_dim: int = 64
+    axes_dims_rope: tuple[int, int, int] = (8, 28, 28)  # frame, height, width; sums to attention_head_dim
+    latent_channels: int = 16  # VAE z_dim = the transformer's in/out channels (unpatched)
+    vae_base_dim: int = 8
+    text_hidden: int = 64  # Qwen3-VL hidden size = the transformer's context_in_dim
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+
+
+def tiny_qwen3_vl(spec: TinyQwenImage21Spec, tokenizer: Qwen2Tokenizer) -> Any:
+    """A random Qwen3-VL with `spec`'s text sizes and a one-block vision tower of 2x2-pixel patches, one frame per
+    patch, no merging, knowing the tokenizer's vision tokens."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    head_dim = spec.text_hidden // spec.text_heads
+    half = head_dim // 2
+    ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                   tokenizer.convert_tokens_to_ids(list(VISION_TOKENS)), strict=True))
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
+            num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_kv_heads, head_dim=head_dim, max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                             "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=spec.text_hidden,
+                           patch_size=2, spatial_merge_size=1, temporal_patch_size=1, num_position_embeddings=16,
+                           deepstack_visual_indexes=[]),
+        **ids)
+    return Qwen3VLForConditionalGeneration(config)
+
+
+def build_tiny_qwen21_pipeline(seed: int, spec: TinyQwenImage21Spec = TinyQwenImage21Spec()) -> Any:
+    """A random QwenImage21Pipeline (float32, CPU) whose weights depend only on `seed` and `spec`: the tiny
+    transformer, an RGBA `AutoencoderKLQwenImage21` with 16x compression, a tiny Qwen3-VL with the byte-level
+    tokenizer plus Qwen's vision tokens, and a `Qwen3VLProcessor` (no video half) carrying `QWEN_CHAT_TEMPLATE`.
+    Saved with `save_pretrained`, it loads with `QwenImage21Pipeline.from_pretrained(folder,
+    processor=flowfactory_qwen_image.qwen21.load_qwen21_processor(folder / "processor"))`."""
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Pipeline, QwenImage21Transformer2DModel
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from flowfactory_qwen_image.edit import vl_processor
+
+    if sum(spec.axes_dims_rope) != spec.attention_head_dim:
+        raise ValueError(f"TinyQwenImage21Spec: axes_dims_rope {spec.axes_dims_rope} must sum to attention_head_dim "
+                         f"{spec.attention_head_dim}")
+    tokenizer = qwen2_vl_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImage21Transformer2DModel(
+            in_channels=spec.latent_channels, out_channels=spec.latent_channels, num_layers=spec.num_layers,
+            attention_head_dim=spec.attention_head_dim, num_attention_heads=spec.num_attention_heads,
+            context_in_dim=spec.text_hidden, axes_dims_rope=tuple(spec.axes_dims_rope))
+        text_encoder = tiny_qwen3_vl(spec, tokenizer)
+        vae = AutoencoderKLQwenImage21(
+            base_dim=spec.vae_base_dim, decoder_base_dim=spec.vae_base_dim, z_dim=spec.latent_channels,
+            dim_mult=[1] * 5, num_res_blocks=1, temperal_downsample=[False] * 4,
+            latents_mean=[0.0] * spec.latent_channels, latents_std=[1.0] * spec.latent_channels)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=2, temporal_patch_size=1, merge_size=1, min_pixels=4 * 4,
+                                               max_pixels=8 * 8)
+    processor = vl_processor(image_processor, tokenizer, cls=Qwen3VLProcessor, chat_template=QWEN_CHAT_TEMPLATE)
+    pipe = QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_21_TINY_SCHEDULER_CONFIG), vae=vae,
+        text_encoder=text_encoder, processor=processor, transformer=transformer)
+    for part in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        part.eval()
+    return pipe

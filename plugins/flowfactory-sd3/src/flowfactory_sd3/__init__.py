@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field
 
 from flowfactory import hookimpl
-from flowfactory.policies import quiet_transformers
-from flowfactory.policies.options import DEFAULT_LORA_TARGETS, DiffusersPolicyOptions, LoraOptions
 from flowfactory.registry import BuildContext
+from flowfactory_diffusers import quiet_transformers
+from flowfactory_diffusers.options import DEFAULT_LORA_TARGETS, DiffusersPolicyOptions, LoraOptions
 
 if TYPE_CHECKING:
     from flowfactory.plan import PolicyPlan

@@ -5,8 +5,8 @@ from __future__ import annotations
 from diffusers import StableDiffusion3Pipeline
 
 from flowfactory.plan import PolicyPlan, dtype_name
-from flowfactory.policies.plan import meta_modules, plan_parts
 from flowfactory.registry import BuildContext
+from flowfactory_diffusers.plan import meta_modules, plan_parts
 from flowfactory_sd3 import SD3Options
 from flowfactory_sd3.policy import (
     REAL_GUIDANCE_SCALE,

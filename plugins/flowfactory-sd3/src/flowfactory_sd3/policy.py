@@ -4,7 +4,7 @@ What is SD3's own lives here: three text encoders (`encode_prompt`), classifier-
 prompt, the scheduler's static shift, timesteps in [0, 1000], VAE scaling. Latents stay unpacked [C, h, w]:
 the transformer's patch size does the packing. The math follows `StableDiffusion3Pipeline.__call__`, so an
 ODE rollout reproduces the pipeline's image from the same latents. LoRA, the reference view, trainable
-parameters and saving are the shared `flowfactory.policies.diffusers.DiffusersPolicyBase`.
+parameters and saving are the shared `flowfactory_diffusers.policy.DiffusersPolicyBase`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
+from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_sd3 import LoraOptions, SD3Options
 
 TINY_SIZE = 32

@@ -3,7 +3,7 @@
 Sized like the tiny FLUX, which learns on a CPU: a ~7M-parameter MMDiT (3 joint blocks, 8 heads x 32,
 SD3.5-style RMS qk-norm and a dual-attention first block) over a 4-channel, scale-1 VAE; the transformer's
 patch size 2 does the 2x2 packing. Two CLIPs with projection (pooled = both projections concatenated) and a
-T5, with in-memory tokenizers from `flowfactory.testing.tokenizers`; CLIP pads to 16 tokens, not 77.
+T5, with in-memory tokenizers from `flowfactory_diffusers.tokenizers`; CLIP pads to 16 tokens, not 77.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from flowfactory.testing.tokenizers import clip_tokenizer, t5_tokenizer
+from flowfactory_diffusers.tokenizers import clip_tokenizer, t5_tokenizer
 
 # SD3 / SD3.5's scheduler configuration: a static shift of 3.0.
 SD3_SCHEDULER_CONFIG: dict[str, object] = dict(num_train_timesteps=1000, shift=3.0)

@@ -26,10 +26,10 @@ from PIL import Image
 from torch import nn
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import load_or_build, training_kwargs
 from flowfactory.prompts import Prompt, as_prompts
 from flowfactory.registry import BuildContext
 from flowfactory.types import Conditioning
+from flowfactory_diffusers.policy import load_or_build, training_kwargs
 from flowfactory_wan import WanI2VOptions
 from flowfactory_wan.policy import REAL, TINY, WanPolicy
 

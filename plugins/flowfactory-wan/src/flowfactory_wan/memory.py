@@ -7,8 +7,8 @@ from typing import Any
 from diffusers import WanImageToVideoPipeline, WanPipeline
 
 from flowfactory.plan import PolicyPlan, dtype_name
-from flowfactory.policies.plan import meta_modules, plan_parts
 from flowfactory.registry import BuildContext
+from flowfactory_diffusers.plan import meta_modules, plan_parts
 from flowfactory_wan import WanI2VOptions, WanOptions
 from flowfactory_wan.policy import REAL, TINY, WanPolicy
 

@@ -4,7 +4,7 @@ What is Wan's own lives here: the UMT5 encoder (`encode_prompt`), CFG with a neg
 flow shift, latents [C, F', h, w] of the causal video VAE (normalised by its per-channel mean/std), and the
 expert switch of Wan 2.2: the first (high-noise) expert acts while timestep >= boundary_ratio x 1000, the
 second below; the acting expert's velocity is used and trained. `module` holds both experts (`WanExperts`).
-LoRA helpers, dtype resolution and loading are the shared `flowfactory.policies.diffusers`. The image-to-video
+LoRA helpers, dtype resolution and loading are the shared `flowfactory_diffusers.policy`. The image-to-video
 variant (`flowfactory_wan.i2v.WanI2VPolicy`) subclasses this one through the hooks `_check_pipeline`,
 `_latent_channels`, `_frozen_parts`, `_model_input`, `_image_embeds` and `_readme_call`.
 """
@@ -22,7 +22,11 @@ from diffusers import WanPipeline
 from torch import nn
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import (
+from flowfactory.prompts import Prompt, texts
+from flowfactory.registry import BuildContext
+from flowfactory.seeding import randn_per_sample
+from flowfactory.types import Conditioning
+from flowfactory_diffusers.policy import (
     DiffusersPolicyBase,
     add_lora,
     load_or_build,
@@ -30,10 +34,6 @@ from flowfactory.policies.diffusers import (
     training_kwargs,
     write_notes,
 )
-from flowfactory.prompts import Prompt, texts
-from flowfactory.registry import BuildContext
-from flowfactory.seeding import randn_per_sample
-from flowfactory.types import Conditioning
 from flowfactory_wan import WanLoraOptions, WanOptions
 
 TINY = dict(height=16, width=16, num_frames=5, max_sequence_length=16, guidance_scale=1.0)

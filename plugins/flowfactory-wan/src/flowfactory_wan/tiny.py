@@ -2,7 +2,7 @@
 
 A 2-block WanTransformer3DModel (8 heads x 32, patch 1x2x2) over a one-level AutoencoderKLWan (2x spatial,
 2x temporal, 4 latent channels normalised by mean 0 / std 1), a UMT5 encoder with the in-memory T5 Unigram
-tokenizer from `flowfactory.testing.tokenizers`, and FlowMatchEulerDiscreteScheduler. `experts=2` adds a second
+tokenizer from `flowfactory_diffusers.tokenizers`, and FlowMatchEulerDiscreteScheduler. `experts=2` adds a second
 transformer and a boundary ratio, as Wan 2.2 A14B.
 
 `build_tiny_i2v_pipeline` builds the image-to-video counterparts (`WanImageToVideoPipeline`): as Wan 2.1 I2V, a
@@ -32,7 +32,7 @@ from diffusers import (
 )
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from flowfactory.testing.tokenizers import t5_tokenizer
+from flowfactory_diffusers.tokenizers import t5_tokenizer
 
 TINY_BOUNDARY_RATIO = 0.875  # Wan 2.2 A14B T2V's
 TINY_I2V_BOUNDARY_RATIO = 0.9  # Wan 2.2 A14B I2V's

@@ -5,8 +5,8 @@ from __future__ import annotations
 from diffusers import ZImagePipeline
 
 from flowfactory.plan import PolicyPlan, dtype_name
-from flowfactory.policies.plan import meta_modules, module_part, plan_parts
 from flowfactory.registry import BuildContext
+from flowfactory_diffusers.plan import meta_modules, module_part, plan_parts
 from flowfactory_zimage import ZImageOptions
 from flowfactory_zimage.policy import ZImagePolicy, defaults, unused_parameters
 

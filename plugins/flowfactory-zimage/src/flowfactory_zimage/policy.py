@@ -8,7 +8,7 @@ cond + g x (cond - uncond), optionally norm-capped and truncated at the last ste
 1/steps) through the scheduler's shift (static 3.0 for Z-Image-Turbo); latents `[C, h, w]` kept in float32 as
 the pipeline keeps them; the VAE's scaling and shift. The math follows `ZImagePipeline.__call__`, so an ODE
 rollout reproduces the pipeline's image from the same latents. LoRA, the reference view, trainable parameters
-and saving are the shared `flowfactory.policies.diffusers.DiffusersPolicyBase`.
+and saving are the shared `flowfactory_diffusers.policy.DiffusersPolicyBase`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas, retrieve_timesteps
 
 from flowfactory.errors import FlowFactoryError
-from flowfactory.policies.diffusers import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
+from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_zimage import ZImageLoraOptions, ZImageOptions
 
 TINY_SIZE = 32

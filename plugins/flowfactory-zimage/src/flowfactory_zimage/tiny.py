@@ -3,7 +3,7 @@
 A ~6.4M-parameter ZImageTransformer2DModel (2 single-stream blocks after 2 noise-refiner and 2 context-refiner
 blocks, 8 heads x 32) over a 4-channel, scale-1 AutoencoderKL with the FLUX VAE's latent scaling and shift (the
 VAE Z-Image ships), conditioned by a tiny Qwen3 (2 layers, width 64) whose tokenizer is the in-memory byte-level
-Qwen2 BPE of `flowfactory.testing.tokenizers` with a chat template in Qwen3's format.
+Qwen2 BPE of `flowfactory_diffusers.tokenizers` with a chat template in Qwen3's format.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
-from flowfactory.testing.tokenizers import qwen2_tokenizer
+from flowfactory_diffusers.tokenizers import qwen2_tokenizer
 
 __all__ = ["QWEN3_CHAT_TEMPLATE", "Z_IMAGE_TURBO_SCHEDULER_CONFIG", "TinyZImageSpec", "build_tiny_pipeline",
            "qwen3_tokenizer"]

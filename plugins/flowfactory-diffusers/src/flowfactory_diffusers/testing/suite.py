@@ -4,7 +4,7 @@ LoRA and full finetune, and saves that stock diffusers loads.
 A model plugin's test file subclasses it and says where its model is in diffusers:
 
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-    from flowfactory.testing import DiffusersPolicyContract
+    from flowfactory_diffusers.testing import DiffusersPolicyContract
     from flowfactory_sd3.tiny import build_tiny_pipeline
 
     class TestSD3Diffusers(DiffusersPolicyContract):
@@ -22,7 +22,7 @@ builder's pipeline written with `save_pretrained` and read back with `from_pretr
 
 As in `flowfactory.testing.contracts`, policies are built through the registry exactly as `ff run` builds them,
 the base class is not named `Test*`, knobs are class attributes and fixtures are class-scoped and overridable.
-This module imports diffusers only inside tests, so `import flowfactory.testing` stays light.
+This module imports diffusers only inside tests.
 """
 
 from __future__ import annotations

@@ -1,0 +1,7 @@
+"""Deprecated alias of `flowfactory_diffusers.plan` (package flowfactory-diffusers); removed in flowfactory 0.2."""
+
+import sys
+
+from flowfactory._moved import moved
+
+sys.modules[__name__] = moved(__name__, "flowfactory_diffusers.plan", "flowfactory-diffusers")
