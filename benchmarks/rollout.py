@@ -8,7 +8,9 @@ qwen-image-edit and qwen-image-edit-plus (QwenImageEditPipeline, QwenImageEditPl
 source PNGs too; their stock pipelines run at the policy's input-image areas (`pipeline_areas`), the Plus one a
 record at a time (it takes one prompt per call). wan-i2v (WanImageToVideoPipeline, the tiny Wan 2.1 I2V with its CLIP
 image encoder) takes each record's source as the first frame; the stock pipeline runs a record at a time, since it
-takes one image for its whole batch. flux2 and flux2-klein (Flux2Pipeline, Flux2KleinPipeline; klein with CFG
+takes one image for its whole batch. qwen-image-2.1 (QwenImage21Pipeline, use_kv_cache=False) runs a prompt at a
+time on the pipeline's side, whose batches pad prompts to the longest, which changes their images; its images are
+RGBA, compared on RGB. flux2 and flux2-klein (Flux2Pipeline, Flux2KleinPipeline; klein with CFG
 when its guidance_scale > 1) take their initial latents as the patchified grid, which `policy.unpack` gives.
 
 Both sides start from the same prompts and packed latents, use the same weights (the tiny preset's seed,
@@ -53,6 +55,7 @@ with quiet_transformers():  # no torchvision warnings for image processors these
         Flux2Pipeline,
         FluxKontextPipeline,
         FluxPipeline,
+        QwenImage21Pipeline,
         QwenImageEditPipeline,
         QwenImageEditPlusPipeline,
         QwenImagePipeline,
@@ -149,6 +152,21 @@ def _qwen_edit_load(model: str) -> dict[str, Any]:
     return {"processor": load_processor(Path(model) / "processor")}
 
 
+def _qwen21_load(model: str) -> dict[str, Any]:
+    from flowfactory_qwen_image.qwen21 import load_qwen21_processor
+
+    return {"processor": load_qwen21_processor(Path(model) / "processor")}
+
+
+def _qwen21_invoke(pipe: Any, pol: Any, prompts: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    # a prompt a call (a batch would pad the shorter prompts, which moves their images), without the key/value
+    # cache the policy does not keep, no max_sequence_length (the pipeline has none); RGB of the RGBA images
+    kwargs = {k: v for k, v in kwargs.items() if k != "max_sequence_length"}
+    latents = kwargs.pop("latents")
+    return torch.cat([pipe(prompt=t, latents=latents[i:i + 1], use_kv_cache=False, **kwargs).images[:, :3]
+                      for i, t in enumerate(texts(prompts))])
+
+
 def _qwen_edit_invoke(pipe: Any, pol: Any, records: list[Prompt], kwargs: dict[str, Any]) -> torch.Tensor:
     # at the policy's input-image areas; the editing pipelines keep every token (max_sequence_length is only
     # checked against 1024), take the negative prompt once per record, and the Plus one takes one prompt a call
@@ -195,6 +213,8 @@ PIPELINES: dict[str, Stock] = {
                  lambda pol: {"guidance_scale": pol.guidance_scale, "negative_prompt": _cfg_negative(pol)}),
     "qwen-image": Stock(QwenImagePipeline, "flowfactory_qwen_image.tiny", _qwen_call,
                         prepare=_qwen_prefix),
+    "qwen-image-2.1": Stock(QwenImage21Pipeline, "flowfactory_qwen_image.tiny", _qwen_call,
+                            builder="build_tiny_qwen21_pipeline", invoke=_qwen21_invoke, load=_qwen21_load),
     "qwen-image-edit": Stock(QwenImageEditPipeline, "flowfactory_qwen_image.tiny", _qwen_call, prepare=_qwen_prefix,
                              builder="build_tiny_edit_pipeline", inputs=lambda pol, records: {},
                              invoke=_qwen_edit_invoke, load=_qwen_edit_load),

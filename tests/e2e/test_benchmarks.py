@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("flux2-klein", "Flux2KleinPipeline"),
     ("sd3", "StableDiffusion3Pipeline"),
     ("qwen-image", "QwenImagePipeline"),
+    ("qwen-image-2.1", "QwenImage21Pipeline"),
     ("qwen-image-edit", "QwenImageEditPipeline"),
     ("qwen-image-edit-plus", "QwenImageEditPlusPipeline"),
     ("wan", "WanPipeline"),
