@@ -73,3 +73,25 @@ def test_flux2_dev_config_has_32b_transformer_parameters(flux2_registry: Registr
 
     prompts = len(set(load_prompts("colours", None, "data.train")))
     assert lora.row("conditioning cache").bytes == prompts * 2 * 512 * 15360
+
+
+def test_klein_plan_counts_the_empty_prompts_rows_unless_distilled(flux2_registry: Registry, klein_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """A base klein's default CFG keeps the empty prompt's rows per prompt; a step-distilled one (is_distilled in
+    model_index.json) has no CFG, so no such rows."""
+    import json
+    import shutil
+
+    spec = flux2_registry.get("policy", "flux2-klein")
+
+    def conditioning(folder: Path) -> dict[str, Any]:
+        opts = spec.validate_options({"model": str(folder), "height": 64})
+        return dict(spec.plan(opts, BuildContext(seed=0)).conditioning)
+
+    rows = ((512, 96), "bfloat16")  # 512 tokens of three 32-wide Qwen3 layers
+    assert conditioning(klein_dir) == {"prompt_embeds": rows, "negative_prompt_embeds": rows}
+    distilled = tmp_path / "distilled"
+    shutil.copytree(klein_dir, distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    assert conditioning(distilled) == {"prompt_embeds": rows}
