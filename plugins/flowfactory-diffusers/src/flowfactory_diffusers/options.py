@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +43,11 @@ class DiffusersPolicyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     pipeline_name: ClassVar[str] = "diffusers pipeline"  # named in the error when model/preset are wrong
+    # what this model's null options mean: one table for the tiny preset, one for a real `model` (the pipeline's
+    # own defaults); `resolved` applies them, so the build function and `ff plan` read the same values
+    tiny_defaults: ClassVar[Mapping[str, Any]] = {}
+    model_defaults: ClassVar[Mapping[str, Any]] = {}
+    width_follows_height: ClassVar[bool] = False  # True: a null width is the given height (a square image)
 
     model: str | None = Field(
         None, description="Hub id or local folder of the model's diffusers pipeline, loaded with from_pretrained "
@@ -79,3 +85,17 @@ class DiffusersPolicyOptions(BaseModel):
         if self.preset is not None and self.revision is not None:
             raise ValueError("`revision` applies to `model` only; remove it when using `preset`")
         return self
+
+    def defaults(self, tiny: bool, **known: Any) -> dict[str, Any]:
+        """The values of this model's null options: `tiny_defaults` for the tiny preset, else `model_defaults`,
+        updated with `known` (defaults that only the loaded pipeline knows, e.g. its sample size); with
+        `width_follows_height`, a given height is also the width's default."""
+        table = {**(self.tiny_defaults if tiny else self.model_defaults), **known}
+        if self.width_follows_height and getattr(self, "height", None) is not None:
+            table["width"] = self.height
+        return table
+
+    def resolved(self, tiny: bool, **known: Any) -> Any:
+        """A copy of these options whose null fields named by `defaults(tiny, **known)` take those values."""
+        table = self.defaults(tiny, **known)
+        return self.model_copy(update={k: v for k, v in table.items() if getattr(self, k) is None})

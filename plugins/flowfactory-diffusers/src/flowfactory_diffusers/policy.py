@@ -107,11 +107,14 @@ class DiffusersPolicyBase:
     """The model-independent half of a diffusers policy: training setup, reference view, parameters, saving.
 
     Subclasses set `name` (the registered policy name, used in errors) and `lora_target_hint` (the module
-    names to suggest when a LoRA target matches nothing); their `__init__` calls `_attach` (pipeline, size,
-    device, private scheduler), checks sizes with `_check_multiple`, then calls `_setup_training`. Their
-    `sigmas` compute the model's own schedule through `_cached_sigmas`. `module` is the trainable
-    transformer and may be replaced by the training loop with its Accelerate wrapper; `transformer` stays the
-    raw diffusers model (config, adapters, saving).
+    names to suggest when a LoRA target matches nothing), and call this class's constructor with the pipeline
+    and the names of the networks it trains (`trained`: one transformer, or Wan 2.2's two experts); it does the
+    whole set-up in order (the pipeline attached, the subclass's `_validate`, LoRA or full finetune with its
+    frozen copies, the move to the device). Their `sigmas` compute the model's own schedule through
+    `_cached_sigmas`. `trained` maps each trained network's pipeline name to its raw diffusers model (config,
+    adapters, saving); `transformer` is the first of them; `module` is what velocity calls (`_combine` of the
+    trained networks: the transformer itself when there is one) and may be replaced by the training loop with
+    its Accelerate wrapper.
     """
 
     name: ClassVar[str] = "diffusers"
@@ -130,9 +133,47 @@ class DiffusersPolicyBase:
     max_sequence_length: int
     compute_dtype: torch.dtype
     transformer: nn.Module
+    trained: dict[str, nn.Module]
     lora: LoraSettings | None
     module: Any
     fsdp_block_classes: tuple[type, ...]
+
+    def __init__(self, pipe: Any, *, height: int, width: int, max_sequence_length: int,
+                 trained: Sequence[str] = ("transformer",), frozen: Sequence[nn.Module | None] | None = None,
+                 scheduler: Any = None, lora: LoraSettings | None = None, gradient_checkpointing: bool = False,
+                 reference: bool = True, device: torch.device | str | None = None, seed: int = 0,
+                 offload_text_encoders: bool = False, vae_decode_chunk: int | None = None) -> None:
+        """Attach `pipe` (`_attach`), let the subclass check its options against it (`_validate`), set up
+        training on the pipeline components named in `trained` (`_setup_training`: LoRA on each, A drawn from
+        seed + its index, or a full finetune with a frozen reference copy of each when `reference`), freeze
+        `frozen` (default: every other torch component of the pipeline) and move everything to `device`.
+
+        A subclass sets what its `to` or `_validate` reads before calling this, and what needs the attached
+        pipeline (the scheduler, sizes) after it."""
+        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
+                     scheduler=scheduler, offload_text_encoders=offload_text_encoders,
+                     vae_decode_chunk=vae_decode_chunk)
+        self._validate(pipe)
+        missing = [n for n in trained if getattr(pipe, n, None) is None]
+        if not trained or missing:
+            raise FlowFactoryError(f"{self.name} policy: the pipeline has no {missing or 'trained network'} to train")
+        if frozen is None:
+            frozen = [m for n, m in pipe.components.items() if n not in trained and isinstance(m, nn.Module)]
+        self._setup_training({n: getattr(pipe, n) for n in trained}, frozen, lora=lora, seed=seed,
+                             gradient_checkpointing=gradient_checkpointing, reference=reference)
+        self.to(self.device)
+
+    def _validate(self, pipe: Any) -> None:
+        """Check the options against the attached pipeline before anything is set up (e.g. `_check_multiple`),
+        and derive what depends on both (e.g. `latent_shape`). Nothing by default."""
+
+    def _combine(self, networks: Mapping[str, nn.Module]) -> nn.Module:
+        """The module velocity calls, from the trained networks (or their frozen copies), in `trained`'s order:
+        the network itself when there is one; a model with several overrides this (Wan: its experts)."""
+        if len(networks) != 1:
+            raise TypeError(f"{type(self).__name__} trains {list(networks)}: it must override _combine to say how "
+                            f"velocity calls them")
+        return next(iter(networks.values()))
 
     def _attach(self, pipe: Any, *, height: int, width: int, max_sequence_length: int,
                 device: torch.device | str | None, scheduler: Any = None, offload_text_encoders: bool = False,
@@ -293,31 +334,38 @@ class DiffusersPolicyBase:
                  for i in range(0, latents.shape[0], n)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _setup_training(self, transformer: nn.Module, frozen: Sequence[nn.Module], *, lora: LoraSettings | None,
-                        seed: int, gradient_checkpointing: bool, reference: bool = True) -> None:
-        """Freeze `frozen`, add a LoRA adapter (or, for a full finetune whose run uses the reference view, keep
-        a frozen copy: `reference=False` saves the memory of a second transformer), set `module`."""
-        self.transformer = transformer
+    def _setup_training(self, trained: nn.Module | Mapping[str, nn.Module], frozen: Sequence[nn.Module | None], *,
+                        lora: LoraSettings | None, seed: int, gradient_checkpointing: bool,
+                        reference: bool = True) -> None:
+        """Freeze `frozen`; on each trained network (a module: the pipeline's `transformer`) add a LoRA adapter
+        (A drawn from seed + its index) or, for a full finetune whose run uses the reference view, keep a frozen
+        copy (`reference=False` saves the memory of a second copy of the weights); set `trained` and `module`.
+        The constructor calls this; a subclass does not."""
+        networks = {"transformer": trained} if isinstance(trained, nn.Module) else dict(trained)
+        self.trained = networks
+        self.transformer = next(iter(networks.values()))
         self.lora = lora
         self.keeps_reference = reference or lora is not None  # LoRA's reference (adapters off) costs nothing
         for part in frozen:
             if part is not None:  # None: a text encoder deferred until the first encode (frozen when it loads)
                 part.requires_grad_(False).eval()
-        self.fsdp_block_classes = block_classes(transformer)
-        self._frozen_copy: nn.Module | None = None
-        if lora is not None:
-            add_lora(transformer, lora, seed, policy=self.name, hint=self.lora_target_hint,
-                     exclude=self._dead_modules(transformer))
-        else:
-            transformer.requires_grad_(True)
-            for name in self._dead_modules(transformer):  # would never get a gradient: not trainable
-                transformer.get_submodule(name).requires_grad_(False)
-            if reference:  # the pre-training policy for `reference()`; made before any Accelerate/FSDP wrapping
-                self._frozen_copy = copy.deepcopy(transformer).requires_grad_(False).eval()
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        transformer.train()  # only LoRA dropout depends on it; these transformers have no other train-time behaviour
-        self.module = transformer
+        self.fsdp_block_classes = block_classes(self.transformer)
+        copies: dict[str, nn.Module] = {}
+        for index, (name, net) in enumerate(networks.items()):
+            if lora is not None:
+                add_lora(net, lora, seed + index, policy=self.name, hint=self.lora_target_hint,
+                         exclude=self._dead_modules(net))
+            else:
+                net.requires_grad_(True)
+                for dead in self._dead_modules(net):  # would never get a gradient: not trainable
+                    net.get_submodule(dead).requires_grad_(False)
+                if reference:  # the pre-training policy for `reference()`; made before any Accelerate/FSDP wrapping
+                    copies[name] = copy.deepcopy(net).requires_grad_(False).eval()
+            if gradient_checkpointing:
+                net.enable_gradient_checkpointing()
+            net.train()  # only LoRA dropout depends on it; these transformers have no other train-time behaviour
+        self._frozen_copy: nn.Module | None = self._combine(copies) if copies else None
+        self.module = self._combine(networks)
         self._in_reference = False
 
     def _check_reference(self) -> None:
@@ -346,17 +394,19 @@ class DiffusersPolicyBase:
         return [self._frozen_copy] if self._frozen_copy is not None else []
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """LoRA weights (float32), or every transformer parameter (but dead modules') for a full finetune.
+        """LoRA weights (float32), or every parameter (but dead modules') for a full finetune, of each trained
+        network in order.
 
         Looked up on each call, not cached: FSDP replaces parameters when it shards the module, and
         `reference()` switches the adapters' requires_grad off while it runs."""
         if self.lora is None:
-            return [p for p in self.transformer.parameters() if p.requires_grad]
-        return [p for name, p in self.transformer.named_parameters() if "lora_" in name]
+            return [p for net in self.trained.values() for p in net.parameters() if p.requires_grad]
+        return [p for net in self.trained.values() for name, p in net.named_parameters() if "lora_" in name]
 
     @contextmanager
     def reference(self) -> Iterator[None]:
-        """The pre-training policy under no grad: adapters disabled (LoRA) or the frozen copy (full)."""
+        """The pre-training policy under no grad: adapters disabled on every trained network (LoRA) or the
+        frozen copies (full)."""
         if self._in_reference:
             raise RuntimeError(f"{type(self).__name__}.reference() is not re-entrant")
         self._check_reference()
@@ -365,41 +415,54 @@ class DiffusersPolicyBase:
         try:
             with torch.no_grad():
                 if lora_off:
-                    self.transformer.disable_adapters()
+                    for net in self.trained.values():
+                        net.disable_adapters()
                 yield
         finally:
             if lora_off:
-                self.transformer.enable_adapters()
+                for net in self.trained.values():
+                    net.enable_adapters()
             self._in_reference = False
 
     def _save_with_notes(self, directory: str, pipeline_cls: type, transformer_cls: type, policy: str,
-                         info: dict[str, Any], call_args: str, inputs: str = "prompt") -> None:
+                         info: dict[str, Any], call_args: str = "", inputs: str = "prompt", *,
+                         call: str | None = None) -> None:
         """Save the weights (`_save_weights`) and beside them `flowfactory.json` (`info` plus policy, kind and
-        base) and a README with the diffusers code that loads them; the README calls `pipe(<inputs>, <call_args>)`
-        (`inputs`: "prompt", or e.g. "image=source, prompt=prompt" for an editing pipeline)."""
+        base) and a README with the diffusers code that loads them, every trained network included; the README
+        calls `image = pipe(<inputs>, <call_args>).images[0]` (`inputs`: "prompt", or e.g. "image=source,
+        prompt=prompt" for an editing pipeline), or the line `call` (e.g. a video pipeline's)."""
         out = Path(directory)
         kind = self._save_weights(out, pipeline_cls)
         pipe_name, tr_name = pipeline_cls.__name__, transformer_cls.__name__
+        first, *rest = self.trained
         if kind == "lora":
             load = (f"pipe = {pipe_name}.from_pretrained(BASE, dtype=torch.bfloat16)\n"
                     f"pipe.load_lora_weights({str(out)!r})")
+            load += "".join(f"\npipe.load_lora_weights({str(out / n)!r}, load_into_{n}=True)" for n in rest)
         else:
-            load = (f"transformer = {tr_name}.from_pretrained({str(out / 'transformer')!r}, dtype=torch.bfloat16)\n"
-                    f"pipe = {pipe_name}.from_pretrained(BASE, transformer=transformer, dtype=torch.bfloat16)")
+            load = "".join(f"{n} = {tr_name}.from_pretrained({str(out / n)!r}, dtype=torch.bfloat16)\n"
+                           for n in self.trained)
+            parts = ", ".join(f"{n}={n}" for n in self.trained)
+            load += f"pipe = {pipe_name}.from_pretrained(BASE, {parts}, dtype=torch.bfloat16)"
         imports = ", ".join(sorted((pipe_name, tr_name)))
+        call = call if call is not None else f"image = pipe({inputs}, {call_args}).images[0]"
         write_notes(out, {"policy": policy, "kind": kind, **info,
                           "base": self.pipe.config.get("_name_or_path") or None},
                     f"# flowfactory {policy} policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE "
                     f"being the base {pipe_name} (hub id or folder):\n\n```python\nimport torch\n"
-                    f"from diffusers import {imports}\n{load}\nimage = pipe({inputs}, {call_args}).images[0]\n```\n")
+                    f"from diffusers import {imports}\n{load}\n{call}\n```\n")
 
     def _save_weights(self, out: Path, pipeline_cls: type) -> str:
-        """LoRA: `pipeline_cls.save_lora_weights` into `out`; full: `out/transformer`. Returns "lora" or "full"."""
+        """LoRA: `pipeline_cls.save_lora_weights` of the first trained network into `out`, of each other one into
+        `out/<its name>` (diffusers loads it with `load_into_<name>=True`); full: `out/<name>` model folders.
+        Returns "lora" or "full"."""
         out.mkdir(parents=True, exist_ok=True)
         if self.lora is not None:
-            save_lora(pipeline_cls, self.transformer, out)
+            for index, (name, net) in enumerate(self.trained.items()):
+                save_lora(pipeline_cls, net, out if index == 0 else out / name)
             return "lora"
-        self.transformer.save_pretrained(out / "transformer")
+        for name, net in self.trained.items():
+            net.save_pretrained(out / name)
         return "full"
 
 

@@ -7,6 +7,7 @@ and transformers are imported by `build` (see `flowfactory_flux.policy`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
@@ -30,6 +31,8 @@ class FluxOptions(DiffusersPolicyOptions):
     """Options of the `flux` policy."""
 
     pipeline_name: ClassVar[str] = "FluxPipeline"
+    tiny_defaults: ClassVar[Mapping[str, Any]] = {"height": 32, "width": 32, "max_sequence_length": 32}
+    model_defaults: ClassVar[Mapping[str, Any]] = {"height": 512, "width": 512, "max_sequence_length": 512}
 
     height: int | None = Field(
         None, ge=1, description="Image height in pixels (multiple of 2 x the VAE scale factor). null: 512, or 32 "

@@ -27,7 +27,7 @@ from flowfactory.registry import BuildContext
 from flowfactory.types import Conditioning
 from flowfactory_diffusers.policy import load_or_build, training_kwargs
 from flowfactory_flux import FluxKontextOptions
-from flowfactory_flux.policy import REAL_MAX_SEQUENCE_LENGTH, REAL_SIZE, TINY_MAX_SEQUENCE_LENGTH, TINY_SIZE, FluxPolicy
+from flowfactory_flux.policy import FluxPolicy
 
 SOURCE_KEY = "image_latents"  # the conditioning entry holding the packed source latents [B, seq, 4C]
 
@@ -131,8 +131,6 @@ def build_kontext_policy(options: FluxKontextOptions, ctx: BuildContext) -> Flux
     pipe, tiny = load_or_build(options, ctx, FluxKontextPipeline, lambda: build_tiny_kontext_pipeline(ctx.seed),
                                policy="flux-kontext", example="black-forest-labs/FLUX.1-Kontext-dev",
                                gated="FLUX.1-Kontext-dev is gated")
-    size, max_len = (TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH) if tiny else (REAL_SIZE, REAL_MAX_SEQUENCE_LENGTH)
-    return FluxKontextPolicy(
-        pipe, height=options.height or size, width=options.width or size,
-        max_sequence_length=options.max_sequence_length or max_len, guidance_scale=options.guidance_scale,
-        **training_kwargs(options, ctx))
+    o = options.resolved(tiny)
+    return FluxKontextPolicy(pipe, height=o.height, width=o.width, max_sequence_length=o.max_sequence_length,
+                             guidance_scale=o.guidance_scale, **training_kwargs(o, ctx))

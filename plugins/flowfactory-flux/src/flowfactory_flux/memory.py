@@ -11,13 +11,7 @@ from flowfactory.plan import PolicyPlan, dtype_name
 from flowfactory.registry import BuildContext
 from flowfactory_diffusers.plan import meta_modules, plan_parts
 from flowfactory_flux import FluxKontextOptions, FluxOptions
-from flowfactory_flux.policy import (
-    REAL_MAX_SEQUENCE_LENGTH,
-    REAL_SIZE,
-    TINY_MAX_SEQUENCE_LENGTH,
-    TINY_SIZE,
-    FluxPolicy,
-)
+from flowfactory_flux.policy import FluxPolicy
 
 
 def plan_policy(options: FluxOptions, ctx: BuildContext) -> PolicyPlan:
@@ -41,9 +35,8 @@ def plan_kontext_policy(options: FluxKontextOptions, ctx: BuildContext) -> Polic
 def _plan(options: FluxOptions, ctx: BuildContext, pipeline_cls: type, tiny_builder: Callable[[], Any], name: str,
           policy_cls: type, source_key: str | None = None) -> PolicyPlan:
     modules, tiny = meta_modules(options, ctx, pipeline_cls, tiny_builder, policy=name)
-    size, max_len = (TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH) if tiny else (REAL_SIZE, REAL_MAX_SEQUENCE_LENGTH)
-    height, width = options.height or size, options.width or size
-    max_len = options.max_sequence_length or max_len
+    o = options.resolved(tiny)
+    height, width, max_len = o.height, o.width, o.max_sequence_length
     transformer, vae = modules["transformer"], modules["vae"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)  # FluxPipeline.vae_scale_factor
     h, w = height // scale, width // scale

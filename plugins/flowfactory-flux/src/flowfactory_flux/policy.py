@@ -21,11 +21,6 @@ from flowfactory.types import Conditioning
 from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_flux import FluxOptions, LoraOptions
 
-TINY_SIZE = 32
-TINY_MAX_SEQUENCE_LENGTH = 32
-REAL_SIZE = 512
-REAL_MAX_SEQUENCE_LENGTH = 512
-
 
 class FluxPolicy(DiffusersPolicyBase):
     """Implements `flowfactory.types.Policy` for FLUX.1 pipelines (dev, schnell, or the tiny preset).
@@ -55,21 +50,21 @@ class FluxPolicy(DiffusersPolicyBase):
         offload_text_encoders: bool = False,
         vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
-                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self._ids: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.guidance_scale = guidance_scale
         self.guidance_embeds = bool(pipe.transformer.config.guidance_embeds)
         self.vae_scale_factor: int = pipe.vae_scale_factor
+        super().__init__(pipe, height=height, width=width, max_sequence_length=max_sequence_length,
+                         lora=lora, gradient_checkpointing=gradient_checkpointing, reference=reference, device=device,
+                         seed=seed, offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
+
+    def _validate(self, pipe: FluxPipeline) -> None:
         self._check_multiple(2 * self.vae_scale_factor,
                              f"2 x the VAE scale factor {self.vae_scale_factor}, for the 2x2 latent packing")
         channels = pipe.transformer.config.in_channels // 4
-        self._unpacked_shape = (channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        self._unpacked_shape = (channels, self.height // self.vae_scale_factor, self.width // self.vae_scale_factor)
         c, h, w = self._unpacked_shape
         self.latent_shape: tuple[int, ...] = ((h // 2) * (w // 2), c * 4)
-        self._setup_training(pipe.transformer, (pipe.text_encoder, pipe.text_encoder_2, self.vae), lora=lora,
-                             seed=seed, gradient_checkpointing=gradient_checkpointing, reference=reference)
-        self.to(self.device)
 
     # -- setup -----------------------------------------------------------------------------------------------
 
@@ -181,8 +176,6 @@ def build_policy(options: FluxOptions, ctx: BuildContext) -> FluxPolicy:
 
     pipe, tiny = load_or_build(options, ctx, FluxPipeline, lambda: build_tiny_pipeline(ctx.seed), policy="flux",
                                example="black-forest-labs/FLUX.1-dev", gated="FLUX.1-dev is gated")
-    size, max_len = (TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH) if tiny else (REAL_SIZE, REAL_MAX_SEQUENCE_LENGTH)
-    return FluxPolicy(
-        pipe, height=options.height or size, width=options.width or size,
-        max_sequence_length=options.max_sequence_length or max_len, guidance_scale=options.guidance_scale,
-        **training_kwargs(options, ctx))
+    o = options.resolved(tiny)
+    return FluxPolicy(pipe, height=o.height, width=o.width, max_sequence_length=o.max_sequence_length,
+                      guidance_scale=o.guidance_scale, **training_kwargs(o, ctx))

@@ -67,20 +67,20 @@ class Flux2Policy(DiffusersPolicyBase):
         offload_text_encoders: bool = False,
         vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
-                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.guidance_scale = guidance_scale
         self.vae_scale_factor: int = pipe.vae_scale_factor
+        self._ids: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        super().__init__(pipe, height=height, width=width, max_sequence_length=max_sequence_length,
+                         lora=lora, gradient_checkpointing=gradient_checkpointing, reference=reference, device=device,
+                         seed=seed, offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
+
+    def _validate(self, pipe: Any) -> None:
         self._check_multiple(2 * self.vae_scale_factor,
                              f"2 x the VAE scale factor {self.vae_scale_factor}, for the 2x2 latent patches")
-        h, w = height // (2 * self.vae_scale_factor), width // (2 * self.vae_scale_factor)
+        h, w = self.height // (2 * self.vae_scale_factor), self.width // (2 * self.vae_scale_factor)
         self.token_hw: tuple[int, int] = (h, w)
         self.latent_channels: int = pipe.transformer.config.in_channels  # 4 x the VAE's, after patchifying
         self.latent_shape: tuple[int, ...] = (h * w, self.latent_channels)
-        self._ids: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
-                             gradient_checkpointing=gradient_checkpointing, reference=reference)
-        self.to(self.device)
 
     def to(self, device: torch.device | str) -> Flux2Policy:
         """Move every part (and the reference copy) to `device`; position ids are rebuilt there."""

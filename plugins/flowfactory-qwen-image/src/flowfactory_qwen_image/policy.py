@@ -66,21 +66,21 @@ class QwenImagePolicy(DiffusersPolicyBase):
         offload_text_encoders: bool = False,
         vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
-                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.true_cfg_scale = true_cfg_scale
         self.negative_prompt = negative_prompt
         self.vae_scale_factor: int = pipe.vae_scale_factor
+        super().__init__(pipe, height=height, width=width, max_sequence_length=max_sequence_length,
+                         lora=lora, gradient_checkpointing=gradient_checkpointing, reference=reference, device=device,
+                         seed=seed, offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
+
+    def _validate(self, pipe: QwenImagePipeline) -> None:
         self._check_multiple(2 * self.vae_scale_factor, f"patch size 2 x the VAE scale factor {self.vae_scale_factor}")
         # the pipeline's hard-coded 34 assumes Qwen's tokenizer; count the prefix with the one loaded
         pipe.prompt_template_encode_start_idx = template_prefix_tokens(pipe)
-        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
         self.latent_hw: tuple[int, int] = (h, w)
         self.latent_channels: int = pipe.vae.config.z_dim
         self.latent_shape: tuple[int, ...] = ((h // 2) * (w // 2), self.latent_channels * 4)
-        self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
-                             gradient_checkpointing=gradient_checkpointing, reference=reference)
-        self.to(self.device)
 
     def _dead_modules(self, transformer: torch.nn.Module) -> list[str]:
         """The last block's text-stream output path (text queries and their norm, attention out projection, text

@@ -70,20 +70,20 @@ class QwenImage21Policy(DiffusersPolicyBase):
         offload_text_encoders: bool = False,
         vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
-                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.true_cfg_scale = true_cfg_scale
         self.negative_prompt = negative_prompt
         self.vae_scale_factor: int = pipe.vae_scale_factor  # the pipeline's fixed 16
+        super().__init__(pipe, height=height, width=width, max_sequence_length=max_sequence_length, lora=lora,
+                         gradient_checkpointing=gradient_checkpointing, reference=reference, device=device, seed=seed,
+                         offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
+
+    def _validate(self, pipe: QwenImage21Pipeline) -> None:
         self._check_multiple(2 * self.vae_scale_factor,
                              f"2 x the VAE scale factor {self.vae_scale_factor}: image slots are 2x2 latent tokens")
-        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
         self.latent_hw: tuple[int, int] = (h, w)
         self.latent_channels: int = pipe.transformer.config.in_channels
         self.latent_shape: tuple[int, ...] = (h * w, self.latent_channels)
-        self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
-                             gradient_checkpointing=gradient_checkpointing, reference=reference)
-        self.to(self.device)
 
     @property
     def do_cfg(self) -> bool:

@@ -6,6 +6,7 @@ and transformers are imported by `build` (see `flowfactory_sd3.policy`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
@@ -27,6 +28,11 @@ class SD3Options(DiffusersPolicyOptions):
     """Options of the `sd3` policy."""
 
     pipeline_name: ClassVar[str] = "StableDiffusion3Pipeline"
+    tiny_defaults: ClassVar[Mapping[str, Any]] = {"height": 32, "width": 32, "max_sequence_length": 16,
+                                                  "guidance_scale": 1.0}
+    # StableDiffusion3Pipeline's; the size is the transformer's sample_size x the VAE scale factor (read at build)
+    model_defaults: ClassVar[Mapping[str, Any]] = {"max_sequence_length": 256, "guidance_scale": 4.5}
+    width_follows_height: ClassVar[bool] = True
 
     height: int | None = Field(
         None, ge=1, description="Image height in pixels (multiple of patch size 2 x the VAE scale factor). null: the "

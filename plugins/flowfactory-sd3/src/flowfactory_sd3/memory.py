@@ -8,13 +8,7 @@ from flowfactory.plan import PolicyPlan, dtype_name
 from flowfactory.registry import BuildContext
 from flowfactory_diffusers.plan import meta_modules, plan_parts
 from flowfactory_sd3 import SD3Options
-from flowfactory_sd3.policy import (
-    REAL_GUIDANCE_SCALE,
-    REAL_MAX_SEQUENCE_LENGTH,
-    TINY_MAX_SEQUENCE_LENGTH,
-    TINY_SIZE,
-    SD3Policy,
-)
+from flowfactory_sd3.policy import SD3Policy
 
 
 def plan_policy(options: SD3Options, ctx: BuildContext) -> PolicyPlan:
@@ -28,14 +22,9 @@ def plan_policy(options: SD3Options, ctx: BuildContext) -> PolicyPlan:
     transformer, vae = modules["transformer"], modules["vae"]
     clip, clip_2, t5 = modules["text_encoder"], modules["text_encoder_2"], modules.get("text_encoder_3")
     scale = 2 ** (len(vae.config.block_out_channels) - 1)  # StableDiffusion3Pipeline.vae_scale_factor
-    if tiny:
-        size, max_len, guidance = TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH, 1.0
-    else:
-        size, max_len, guidance = transformer.config.sample_size * scale, REAL_MAX_SEQUENCE_LENGTH, REAL_GUIDANCE_SCALE
-    height = options.height or size
-    width = options.width or options.height or size
-    max_len = options.max_sequence_length or max_len
-    guidance = options.guidance_scale if options.guidance_scale is not None else guidance
+    size = transformer.config.sample_size * scale
+    o = options.resolved(tiny, **({} if tiny else {"height": size, "width": size}))
+    height, width, max_len, guidance = o.height, o.width, o.max_sequence_length, o.guidance_scale
     latent_shape = (transformer.config.in_channels, height // scale, width // scale)
     width_t5 = t5.config.d_model if t5 is not None else transformer.config.joint_attention_dim
     tokens = clip.config.max_position_embeddings + max_len  # the CLIP tokenizers pad to their 77 positions

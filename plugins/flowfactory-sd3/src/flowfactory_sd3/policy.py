@@ -21,11 +21,6 @@ from flowfactory.types import Conditioning
 from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_sd3 import LoraOptions, SD3Options
 
-TINY_SIZE = 32
-TINY_MAX_SEQUENCE_LENGTH = 16
-REAL_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
-REAL_GUIDANCE_SCALE = 4.5
-
 
 class SD3Policy(DiffusersPolicyBase):
     """Implements `flowfactory.types.Policy` for Stable Diffusion 3 / 3.5 pipelines (or the tiny preset)."""
@@ -53,12 +48,15 @@ class SD3Policy(DiffusersPolicyBase):
         offload_text_encoders: bool = False,
         vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
-                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
-        config = pipe.transformer.config
         self.vae_scale_factor: int = pipe.vae_scale_factor
+        super().__init__(pipe, height=height, width=width, max_sequence_length=max_sequence_length,
+                         lora=lora, gradient_checkpointing=gradient_checkpointing, reference=reference, device=device,
+                         seed=seed, offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
+
+    def _validate(self, pipe: StableDiffusion3Pipeline) -> None:
+        height, width, config = self.height, self.width, pipe.transformer.config
         factor = config.patch_size * self.vae_scale_factor
         self._check_multiple(factor, f"patch size {config.patch_size} x the VAE scale factor {self.vae_scale_factor}")
         largest = config.pos_embed_max_size * factor
@@ -68,11 +66,6 @@ class SD3Policy(DiffusersPolicyBase):
                 f"(pos_embed_max_size {config.pos_embed_max_size}) covers at most {largest} pixels a side")
         self.latent_shape: tuple[int, ...] = (
             config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        self._setup_training(
-            pipe.transformer, [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, self.vae)
-                               if m is not None],
-            lora=lora, seed=seed, gradient_checkpointing=gradient_checkpointing, reference=reference)
-        self.to(self.device)
 
     def _dead_modules(self, transformer: torch.nn.Module) -> list[str]:
         """The text-query projection (and its norm) of context-pre-only blocks (SD3's last): that block's text
@@ -173,14 +166,7 @@ def build_policy(options: SD3Options, ctx: BuildContext) -> SD3Policy:
     pipe, tiny = load_or_build(options, ctx, StableDiffusion3Pipeline, lambda: build_tiny_pipeline(ctx.seed),
                                policy="sd3", example="stabilityai/stable-diffusion-3.5-medium",
                                gated="SD3.5 is gated: accept its licence on the Hub")
-    if tiny:
-        size, max_len, guidance = TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH, 1.0
-    else:
-        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
-        max_len, guidance = REAL_MAX_SEQUENCE_LENGTH, REAL_GUIDANCE_SCALE
-    height = options.height or size
-    return SD3Policy(
-        pipe, height=height, width=options.width or options.height or size,
-        max_sequence_length=options.max_sequence_length or max_len,
-        guidance_scale=options.guidance_scale if options.guidance_scale is not None else guidance,
-        negative_prompt=options.negative_prompt, **training_kwargs(options, ctx))
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    o = options.resolved(tiny, **({} if tiny else {"height": size, "width": size}))
+    return SD3Policy(pipe, height=o.height, width=o.width, max_sequence_length=o.max_sequence_length,
+                     guidance_scale=o.guidance_scale, negative_prompt=o.negative_prompt, **training_kwargs(o, ctx))

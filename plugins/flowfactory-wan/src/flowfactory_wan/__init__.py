@@ -7,6 +7,7 @@ and transformers are imported by the build functions (see `flowfactory_wan.polic
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, model_validator
@@ -43,6 +44,10 @@ class WanOptions(DiffusersPolicyOptions):
 
     pipeline_name: ClassVar[str] = "WanPipeline"
     input_images: ClassVar[tuple[int, int]] = (0, 0)  # text-to-video: `ff validate` refuses records with images
+    tiny_defaults: ClassVar[Mapping[str, Any]] = {
+        "height": 16, "width": 16, "num_frames": 5, "max_sequence_length": 16, "guidance_scale": 1.0}
+    model_defaults: ClassVar[Mapping[str, Any]] = {  # WanPipeline's
+        "height": 480, "width": 832, "num_frames": 81, "max_sequence_length": 512, "guidance_scale": 5.0}
 
     lora: WanLoraOptions | None = Field(  # type: ignore[assignment]
         None, description="Train a LoRA adapter (on every expert) with these settings; null: full finetune of "

@@ -31,7 +31,7 @@ from flowfactory.registry import BuildContext
 from flowfactory.types import Conditioning
 from flowfactory_diffusers.policy import load_or_build, training_kwargs
 from flowfactory_wan import WanI2VOptions
-from flowfactory_wan.policy import REAL, TINY, WanPolicy
+from flowfactory_wan.policy import WanPolicy
 
 TEXT_CONTEXT = 512  # diffusers' WanAttnProcessor takes the last 512 context tokens as text when it has image ones
 
@@ -88,9 +88,6 @@ class WanI2VPolicy(WanPolicy):
     def _latent_channels(self, pipe: Any) -> int:
         """The VAE's latent channels (the transformer's input adds the image condition to them)."""
         return int(pipe.vae.config.z_dim)
-
-    def _frozen_parts(self, pipe: Any) -> list[nn.Module | None]:
-        return [*super()._frozen_parts(pipe), pipe.image_encoder]
 
     def _model_input(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The noisy latents and the image condition on channels, as the pipeline's `latent_model_input`."""
@@ -183,14 +180,9 @@ def build_i2v_policy(options: WanI2VOptions, ctx: BuildContext) -> WanI2VPolicy:
     pipe, tiny = load_or_build(options, ctx, WanImageToVideoPipeline,
                                lambda: build_tiny_i2v_pipeline(ctx.seed, experts=options.tiny_experts),
                                policy="wan-i2v", example="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers")
-    defaults = TINY if tiny else REAL
-    text = TEXT_CONTEXT if pipe.transformer.config.get("added_kv_proj_dim") is not None else \
-        int(defaults["max_sequence_length"])
+    clip_context = pipe.transformer.config.get("added_kv_proj_dim") is not None
+    o = options.resolved(tiny, **({"max_sequence_length": TEXT_CONTEXT} if clip_context else {}))
     return WanI2VPolicy(
-        pipe, height=options.height or int(defaults["height"]), width=options.width or int(defaults["width"]),
-        num_frames=options.num_frames or int(defaults["num_frames"]),
-        max_sequence_length=options.max_sequence_length or text,
-        guidance_scale=options.guidance_scale if options.guidance_scale is not None
-        else float(defaults["guidance_scale"]),
-        guidance_scale_2=options.guidance_scale_2, negative_prompt=options.negative_prompt, shift=options.shift,
-        boundary_ratio=options.boundary_ratio, **training_kwargs(options, ctx))
+        pipe, height=o.height, width=o.width, num_frames=o.num_frames, max_sequence_length=o.max_sequence_length,
+        guidance_scale=o.guidance_scale, guidance_scale_2=o.guidance_scale_2, negative_prompt=o.negative_prompt,
+        shift=o.shift, boundary_ratio=o.boundary_ratio, **training_kwargs(o, ctx))

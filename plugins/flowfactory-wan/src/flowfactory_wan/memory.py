@@ -10,7 +10,7 @@ from flowfactory.plan import PolicyPlan, dtype_name
 from flowfactory.registry import BuildContext
 from flowfactory_diffusers.plan import meta_modules, plan_parts
 from flowfactory_wan import WanI2VOptions, WanOptions
-from flowfactory_wan.policy import REAL, TINY, WanPolicy
+from flowfactory_wan.policy import WanPolicy
 
 
 def plan_policy(options: WanOptions, ctx: BuildContext) -> PolicyPlan:
@@ -49,11 +49,8 @@ def plan_i2v_policy(options: WanI2VOptions, ctx: BuildContext) -> PolicyPlan:
 
 def _plan(options: Any, ctx: BuildContext, modules: dict[str, Any], tiny: bool, policy_cls: type, channels: int,
           text: int | None = None) -> PolicyPlan:
-    defaults = TINY if tiny else REAL
-    height, width = options.height or int(defaults["height"]), options.width or int(defaults["width"])
-    frames = options.num_frames or int(defaults["num_frames"])
-    max_len = options.max_sequence_length or text or int(defaults["max_sequence_length"])
-    guidance = options.guidance_scale if options.guidance_scale is not None else float(defaults["guidance_scale"])
+    o = options.resolved(tiny, **({"max_sequence_length": text} if text else {}))
+    height, width, frames, max_len, guidance = o.height, o.width, o.num_frames, o.max_sequence_length, o.guidance_scale
     vae, encoder = modules["vae"], modules["text_encoder"]
     spatial, temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
     latent_shape = (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)

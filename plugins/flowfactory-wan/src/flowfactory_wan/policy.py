@@ -4,21 +4,19 @@ What is Wan's own lives here: the UMT5 encoder (`encode_prompt`), CFG with a neg
 flow shift, latents [C, F', h, w] of the causal video VAE (normalised by its per-channel mean/std), and the
 expert switch of Wan 2.2: the first (high-noise) expert acts while timestep >= boundary_ratio x 1000, the
 second below; the acting expert's velocity is used and trained. `module` holds both experts (`WanExperts`).
-LoRA helpers, dtype resolution and loading are the shared `flowfactory_diffusers.policy`. The image-to-video
+Training over both experts (LoRA or frozen copies, trainable parameters, the reference view, saving),
+dtype resolution and loading are the shared `flowfactory_diffusers.policy.DiffusersPolicyBase`'s. The image-to-video
 variant (`flowfactory_wan.i2v.WanI2VPolicy`) subclasses this one through the hooks `_check_pipeline`,
-`_latent_channels`, `_frozen_parts`, `_model_input`, `_image_embeds` and `_readme_call`.
+`_latent_channels`, `_model_input`, `_image_embeds` and `_readme_call`.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from diffusers import WanPipeline
+from diffusers import WanPipeline, WanTransformer3DModel
 from torch import nn
 
 from flowfactory.errors import FlowFactoryError
@@ -26,18 +24,8 @@ from flowfactory.prompts import Prompt, texts
 from flowfactory.registry import BuildContext
 from flowfactory.seeding import randn_per_sample
 from flowfactory.types import Conditioning
-from flowfactory_diffusers.policy import (
-    DiffusersPolicyBase,
-    add_lora,
-    load_or_build,
-    save_lora,
-    training_kwargs,
-    write_notes,
-)
+from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_wan import WanLoraOptions, WanOptions
-
-TINY = dict(height=16, width=16, num_frames=5, max_sequence_length=16, guidance_scale=1.0)
-REAL = dict(height=480, width=832, num_frames=81, max_sequence_length=512, guidance_scale=5.0)  # WanPipeline's
 
 
 class WanExperts(nn.Module):
@@ -105,25 +93,37 @@ class WanPolicy(DiffusersPolicyBase):
         if shift is not None:
             key = "flow_shift" if "flow_shift" in scheduler_config else "shift"
             scheduler_config[key] = shift
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
-                     scheduler=type(pipe.scheduler).from_config(scheduler_config),
-                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.num_frames = num_frames
         self.guidance_scale = guidance_scale
         self.guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         self.negative_prompt = negative_prompt
+        self.transformer_2: nn.Module | None = getattr(pipe, "transformer_2", None)
+        self._boundary_option = boundary_ratio
+        # both experts train, the second's LoRA A drawn from seed + 1; `module` is `WanExperts` (`_combine`)
+        super().__init__(pipe, height=height, width=width, max_sequence_length=max_sequence_length,
+                         trained=("transformer", "transformer_2") if self.transformer_2 is not None else ("transformer",),
+                         scheduler=type(pipe.scheduler).from_config(scheduler_config),
+                         lora=lora, gradient_checkpointing=gradient_checkpointing, reference=reference, device=device,
+                         seed=seed, offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
+        self._num_train_timesteps = int(self._scheduler.config.num_train_timesteps)
+        self.experts = self.module
+
+    def _validate(self, pipe: Any) -> None:
+        """The pipeline's kind, the sizes against the VAE and patch factors, the expert boundary; sets
+        `latent_shape` and `boundary_ratio`."""
         self._check_pipeline(pipe)
         config = pipe.transformer.config
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         patch = max(config.patch_size[1:])  # (1, 2, 2) in every Wan release
         self._check_multiple(spatial * patch, f"the VAE's spatial factor {spatial} x patch size {patch}")
+        num_frames = self.num_frames
         if (num_frames - 1) % temporal:
             raise FlowFactoryError(
                 f"{self.name} policy option num_frames={num_frames}: num_frames - 1 must be a multiple of the VAE's temporal "
                 f"factor {temporal}; try num_frames: {(num_frames - 1) // temporal * temporal + 1}")
         self.latent_shape: tuple[int, ...] = (
-            self._latent_channels(pipe), (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
-        self.transformer_2: nn.Module | None = getattr(pipe, "transformer_2", None)
+            self._latent_channels(pipe), (num_frames - 1) // temporal + 1, self.height // spatial, self.width // spatial)
+        boundary_ratio = self._boundary_option
         ratio = boundary_ratio if boundary_ratio is not None else pipe.config.get("boundary_ratio")
         if self.transformer_2 is None and boundary_ratio is not None:
             raise FlowFactoryError(f"{self.name} policy option boundary_ratio: the pipeline has a single expert "
@@ -132,27 +132,10 @@ class WanPolicy(DiffusersPolicyBase):
             raise FlowFactoryError(f"{self.name} policy: the pipeline has transformer_2 but no boundary_ratio; set "
                                    f"the `boundary_ratio` option (0.875 for Wan 2.2 A14B T2V, 0.9 for I2V)")
         self.boundary_ratio: float | None = ratio if self.transformer_2 is not None else None
-        self._num_train_timesteps = int(self._scheduler.config.num_train_timesteps)
 
-        self._setup_training(pipe.transformer, self._frozen_parts(pipe), lora=lora, seed=seed,
-                             gradient_checkpointing=gradient_checkpointing, reference=reference)
-        frozen_copy, frozen_copy_2 = self._frozen_copy, None
-        if self.transformer_2 is not None:
-            t2 = self.transformer_2
-            if lora is not None:  # its own adapter, A drawn from the next seed
-                add_lora(t2, lora, seed + 1, policy=self.name, hint=self.lora_target_hint)
-            else:
-                t2.requires_grad_(True)
-                if reference:
-                    frozen_copy_2 = copy.deepcopy(t2).requires_grad_(False).eval()
-            if gradient_checkpointing:
-                t2.enable_gradient_checkpointing()
-            t2.train()
-        self.experts = WanExperts(pipe.transformer, self.transformer_2)
-        if frozen_copy is not None:
-            self._frozen_copy = WanExperts(frozen_copy, frozen_copy_2)
-        self.module = self.experts
-        self.to(self.device)
+    def _combine(self, networks: Mapping[str, nn.Module]) -> nn.Module:
+        """The experts (or their frozen copies) as one module whose forward takes the acting expert's index."""
+        return WanExperts(networks["transformer"], networks.get("transformer_2"))
 
     # -- what the image-to-video variant changes -------------------------------------------------------------
 
@@ -168,10 +151,6 @@ class WanPolicy(DiffusersPolicyBase):
     def _latent_channels(self, pipe: Any) -> int:
         """Channels of the latents drawn, integrated and decoded (WanPipeline: the transformer's in_channels)."""
         return int(pipe.transformer.config.in_channels)
-
-    def _frozen_parts(self, pipe: Any) -> list[nn.Module | None]:
-        """The modules that never train (None: a text encoder deferred until the first encode)."""
-        return [pipe.text_encoder, self.vae]
 
     def _model_input(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The transformer's hidden_states for latents x (before the cast to the compute dtype): x itself."""
@@ -198,34 +177,6 @@ class WanPolicy(DiffusersPolicyBase):
         if self.boundary_ratio is None:
             return torch.zeros(timestep.shape, dtype=torch.long, device=timestep.device)
         return (timestep < self.boundary_ratio * self._num_train_timesteps).long()
-
-    # -- training setup over both experts --------------------------------------------------------------------
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """LoRA weights of every expert (float32), or every expert's parameters for a full finetune."""
-        if self.lora is None:
-            return [p for p in self.experts.parameters() if p.requires_grad]
-        return [p for name, p in self.experts.named_parameters() if "lora_" in name]
-
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        """The pre-training policy under no grad: adapters disabled on every expert (LoRA) or the frozen copy."""
-        if self._in_reference:
-            raise RuntimeError("WanPolicy.reference() is not re-entrant")
-        self._check_reference()
-        self._in_reference = True
-        lora_off = self.lora is not None
-        try:
-            with torch.no_grad():
-                if lora_off:
-                    for expert in self.experts.experts():
-                        expert.disable_adapters()
-                yield
-        finally:
-            if lora_off:
-                for expert in self.experts.experts():
-                    expert.enable_adapters()
-            self._in_reference = False
 
     # -- Policy protocol -------------------------------------------------------------------------------------
 
@@ -308,38 +259,15 @@ class WanPolicy(DiffusersPolicyBase):
     def save(self, directory: str) -> None:
         """LoRA: diffusers LoRA files (`pipe.load_lora_weights(dir)`, the second expert's from dir/transformer_2
         with load_into_transformer_2=True); full: `dir/transformer` (and `dir/transformer_2`) model folders."""
-        out = Path(directory)
-        pipeline_class = self.pipeline_class
-        name = pipeline_class.__name__
-        kind = self._save_weights(out, pipeline_class)
         two = self.transformer_2 is not None
-        if kind == "lora":
-            load = (f"pipe = {name}.from_pretrained(BASE, dtype=torch.bfloat16)\n"
-                    f"pipe.load_lora_weights({str(out)!r})")
-            if two:
-                save_lora(pipeline_class, self.transformer_2, out / "transformer_2")
-                load += f"\npipe.load_lora_weights({str(out / 'transformer_2')!r}, load_into_transformer_2=True)"
-        else:
-            load = (f"transformer = WanTransformer3DModel.from_pretrained({str(out / 'transformer')!r}, "
-                    "dtype=torch.bfloat16)\n")
-            parts = "transformer=transformer"
-            if two:
-                self.transformer_2.save_pretrained(out / "transformer_2")
-                load += (f"transformer_2 = WanTransformer3DModel.from_pretrained("
-                         f"{str(out / 'transformer_2')!r}, dtype=torch.bfloat16)\n")
-                parts += ", transformer_2=transformer_2"
-            load += f"pipe = {name}.from_pretrained(BASE, {parts}, dtype=torch.bfloat16)"
-        info = {"policy": self.name, "kind": kind, "experts": 2 if two else 1, "height": self.height,
-                "width": self.width, "num_frames": self.num_frames, "max_sequence_length": self.max_sequence_length,
-                "guidance_scale": self.guidance_scale, "guidance_scale_2": self.guidance_scale_2 if two else None,
-                "boundary_ratio": self.boundary_ratio, "negative_prompt": self.negative_prompt,
-                "shift": self._scheduler.config.get("flow_shift", self._scheduler.config.get("shift")),
-                "base": self.pipe.config.get("_name_or_path") or None}
-        write_notes(out, info,
-            f"# flowfactory {self.name} policy ({kind})\n\nTrained with flowfactory. Load with diffusers, BASE "
-            f"being the base {name} (hub id or folder):\n\n```python\nimport torch\n"
-            f"from diffusers import {name}, WanTransformer3DModel\n{load}\n{self._readme_call()}\n```\n")
-
+        self._save_with_notes(
+            directory, self.pipeline_class, WanTransformer3DModel, self.name,
+            {"experts": 2 if two else 1, "height": self.height, "width": self.width, "num_frames": self.num_frames,
+             "max_sequence_length": self.max_sequence_length, "guidance_scale": self.guidance_scale,
+             "guidance_scale_2": self.guidance_scale_2 if two else None, "boundary_ratio": self.boundary_ratio,
+             "negative_prompt": self.negative_prompt,
+             "shift": self._scheduler.config.get("flow_shift", self._scheduler.config.get("shift"))},
+            call=self._readme_call())
 
 def build_policy(options: WanOptions, ctx: BuildContext) -> WanPolicy:
     """Load or build the pipeline and wrap it as a `WanPolicy`.
@@ -352,13 +280,9 @@ def build_policy(options: WanOptions, ctx: BuildContext) -> WanPolicy:
     pipe, tiny = load_or_build(options, ctx, WanPipeline,
                                lambda: build_tiny_pipeline(ctx.seed, experts=options.tiny_experts), policy="wan",
                                example="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    defaults = TINY if tiny else REAL
+    o = options.resolved(tiny)
     return WanPolicy(
-        pipe, height=options.height or int(defaults["height"]), width=options.width or int(defaults["width"]),
-        num_frames=options.num_frames or int(defaults["num_frames"]),
-        max_sequence_length=options.max_sequence_length or int(defaults["max_sequence_length"]),
-        guidance_scale=options.guidance_scale if options.guidance_scale is not None
-        else float(defaults["guidance_scale"]),
-        guidance_scale_2=options.guidance_scale_2, negative_prompt=options.negative_prompt, shift=options.shift,
-        boundary_ratio=options.boundary_ratio, **training_kwargs(options, ctx))
+        pipe, height=o.height, width=o.width, num_frames=o.num_frames, max_sequence_length=o.max_sequence_length,
+        guidance_scale=o.guidance_scale, guidance_scale_2=o.guidance_scale_2, negative_prompt=o.negative_prompt,
+        shift=o.shift, boundary_ratio=o.boundary_ratio, **training_kwargs(o, ctx))
 

@@ -6,6 +6,7 @@ and transformers are imported by `build` (see `flowfactory_zimage.policy`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
@@ -40,6 +41,12 @@ class ZImageOptions(DiffusersPolicyOptions):
     """Options of the `z-image` policy."""
 
     pipeline_name: ClassVar[str] = "ZImagePipeline"
+    tiny_defaults: ClassVar[Mapping[str, Any]] = {"height": 32, "width": 32, "max_sequence_length": 64,
+                                                  "guidance_scale": 0.0}
+    # ZImagePipeline's (`height or 1024`; guidance 5.0 is Z-Image's, Z-Image-Turbo runs at 0)
+    model_defaults: ClassVar[Mapping[str, Any]] = {"height": 1024, "width": 1024, "max_sequence_length": 512,
+                                                   "guidance_scale": 5.0}
+    width_follows_height: ClassVar[bool] = True
 
     lora: ZImageLoraOptions | None = Field(  # type: ignore[assignment]
         None, description="Train a LoRA adapter with these settings; null: full finetune of the transformer.")

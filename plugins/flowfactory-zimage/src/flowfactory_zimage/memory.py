@@ -8,7 +8,7 @@ from flowfactory.plan import PolicyPlan, dtype_name
 from flowfactory.registry import BuildContext
 from flowfactory_diffusers.plan import meta_modules, module_part, plan_parts
 from flowfactory_zimage import ZImageOptions
-from flowfactory_zimage.policy import ZImagePolicy, defaults, unused_parameters
+from flowfactory_zimage.policy import ZImagePolicy, unused_parameters
 
 
 def plan_policy(options: ZImageOptions, ctx: BuildContext) -> PolicyPlan:
@@ -20,11 +20,8 @@ def plan_policy(options: ZImageOptions, ctx: BuildContext) -> PolicyPlan:
     modules, tiny = meta_modules(options, ctx, ZImagePipeline, lambda: build_tiny_pipeline(ctx.seed), policy="z-image")
     transformer, vae, encoder = modules["transformer"], modules["vae"], modules["text_encoder"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)  # ZImagePipeline.vae_scale_factor
-    size, max_len, guidance = defaults(tiny)
-    height = options.height or size
-    width = options.width or options.height or size
-    max_len = options.max_sequence_length or max_len
-    guidance = options.guidance_scale if options.guidance_scale is not None else guidance
+    o = options.resolved(tiny)
+    height, width, max_len, guidance = o.height, o.width, o.max_sequence_length, o.guidance_scale
     latent_shape = (transformer.config.in_channels, height // scale, width // scale)
     rows = {"prompt_embeds": ((max_len, encoder.config.hidden_size), dtype_name(encoder.dtype)),
             "prompt_embeds_mask": ((max_len,), "int64")}

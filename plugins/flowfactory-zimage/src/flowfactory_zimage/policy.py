@@ -25,11 +25,6 @@ from flowfactory.types import Conditioning
 from flowfactory_diffusers.policy import DiffusersPolicyBase, load_or_build, training_kwargs
 from flowfactory_zimage import ZImageLoraOptions, ZImageOptions
 
-TINY_SIZE = 32
-TINY_MAX_SEQUENCE_LENGTH = 64
-REAL_SIZE = 1024  # ZImagePipeline: `height or 1024`
-REAL_MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default
-REAL_GUIDANCE_SCALE = 5.0  # ZImagePipeline's default (Z-Image); Z-Image-Turbo runs at 0
 SEQ_MULTIPLE = 32  # the transformer pads captions and images to multiples of this (diffusers' SEQ_MULTI_OF)
 
 
@@ -90,24 +85,24 @@ class ZImagePolicy(DiffusersPolicyBase):
         offload_text_encoders: bool = False,
         vae_decode_chunk: int | None = None,
     ):
-        self._attach(pipe, height=height, width=width, max_sequence_length=max_sequence_length, device=device,
-                     offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
         self.cfg_normalization = cfg_normalization
         self.cfg_truncation = cfg_truncation
         self.vae_scale_factor: int = pipe.vae_scale_factor
-        self._check_multiple(2 * self.vae_scale_factor, f"patch size 2 x the VAE scale factor {self.vae_scale_factor}")
-        config = pipe.transformer.config
-        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        self.latent_shape: tuple[int, ...] = (config.in_channels, h, w)
-        self._check_positions(config.axes_lens)
-        self._setup_training(pipe.transformer, [pipe.text_encoder, self.vae], lora=lora, seed=seed,
-                             gradient_checkpointing=gradient_checkpointing, reference=reference)
+        super().__init__(pipe, height=height, width=width, max_sequence_length=max_sequence_length,
+                         lora=lora, gradient_checkpointing=gradient_checkpointing, reference=reference, device=device,
+                         seed=seed, offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk)
         if lora is None:
             for name in unused_parameters(self.latent_shape):
                 getattr(pipe.transformer, name).requires_grad_(False)
-        self.to(self.device)
+
+    def _validate(self, pipe: ZImagePipeline) -> None:
+        self._check_multiple(2 * self.vae_scale_factor, f"patch size 2 x the VAE scale factor {self.vae_scale_factor}")
+        config = pipe.transformer.config
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        self.latent_shape: tuple[int, ...] = (config.in_channels, h, w)
+        self._check_positions(config.axes_lens)
 
     def _check_positions(self, axes_lens: list[int]) -> None:
         """The transformer's RoPE tables cover the caption (padded to 32, plus 2 positions) on the first axis and
@@ -241,13 +236,6 @@ class ZImagePolicy(DiffusersPolicyBase):
             f"guidance_scale={self.guidance_scale}")
 
 
-def defaults(tiny: bool) -> tuple[int, int, float]:
-    """(size, max_sequence_length, guidance_scale) when the options leave them null."""
-    if tiny:
-        return TINY_SIZE, TINY_MAX_SEQUENCE_LENGTH, 0.0
-    return REAL_SIZE, REAL_MAX_SEQUENCE_LENGTH, REAL_GUIDANCE_SCALE
-
-
 def build_policy(options: ZImageOptions, ctx: BuildContext) -> ZImagePolicy:
     """Load or build the pipeline and wrap it as a `ZImagePolicy`.
 
@@ -258,11 +246,8 @@ def build_policy(options: ZImageOptions, ctx: BuildContext) -> ZImagePolicy:
 
     pipe, tiny = load_or_build(options, ctx, ZImagePipeline, lambda: build_tiny_pipeline(ctx.seed),
                                policy="z-image", example="Tongyi-MAI/Z-Image-Turbo")
-    size, max_len, guidance = defaults(tiny)
-    height = options.height or size
+    o = options.resolved(tiny)
     return ZImagePolicy(
-        pipe, height=height, width=options.width or options.height or size,
-        max_sequence_length=options.max_sequence_length or max_len,
-        guidance_scale=options.guidance_scale if options.guidance_scale is not None else guidance,
-        negative_prompt=options.negative_prompt, cfg_normalization=options.cfg_normalization,
-        cfg_truncation=options.cfg_truncation, **training_kwargs(options, ctx))
+        pipe, height=o.height, width=o.width, max_sequence_length=o.max_sequence_length,
+        guidance_scale=o.guidance_scale, negative_prompt=o.negative_prompt, cfg_normalization=o.cfg_normalization,
+        cfg_truncation=o.cfg_truncation, **training_kwargs(o, ctx))
