@@ -621,7 +621,9 @@ class DiffusersPolicyContract(_ComponentContract):
             monkeypatch.setattr(policy.vae, "decode", spy)
             out = policy.decode(x)
             assert seen == sizes and out.shape == expected.shape and out.dtype == expected.dtype
-            torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+            # a batch of another size may take another convolution kernel: equal up to fp32 rounding of [0, 1]
+            # pixels (1.07e-6 seen on a 3D VAE with one thread)
+            torch.testing.assert_close(out, expected, atol=4e-6, rtol=0)
 
     def test_conditioning_fingerprint_changes_with_what_encode_depends_on(self, registry: Registry) -> None:
         base = self.make(registry).conditioning_fingerprint()
