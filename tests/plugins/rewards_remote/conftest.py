@@ -6,10 +6,8 @@ test reward, and the fake OpenAI-compatible and Flow-GRPO servers."""
 from __future__ import annotations
 
 import pytest
+from remote_constants import TOKEN, TOKEN_ENV
 from remote_serving import ENV, FF_EXTRA, fake, serving
-
-TOKEN_ENV = "FF_TEST_REWARD_TOKEN"
-TOKEN = "s3cret-test-token"
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-from conftest import TOKEN_ENV
 from ff_remote_extra import GroupCentred
+from remote_constants import TOKEN_ENV
 from test_reward_server import PROMPTS, grid_images
 
 from flowfactory.errors import FlowFactoryError, RewardError

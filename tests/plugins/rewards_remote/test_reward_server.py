@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import TOKEN
+from remote_constants import TOKEN
 from typer.testing import CliRunner
 
 from flowfactory.rewards.builtin import Brightness, ColourMatch

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import pil
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
+from wan_frames import pil
 
 from flowfactory.errors import FlowFactoryError
 from flowfactory.plan import dtype_name

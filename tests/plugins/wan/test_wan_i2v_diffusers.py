@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import pil, write_frames
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 from torch import nn
+from wan_frames import pil, write_frames
 
 from flowfactory.prompts import Prompt
 from flowfactory.registry import Registry
