@@ -66,7 +66,7 @@ def documented() -> str:
 
 def test_every_first_party_option_is_documented_with_its_default() -> None:
     block = documented()
-    sections = dict(re.findall(r"^### (\w+: [\w-]+)\n(.*?)(?=^### |\Z)", block, flags=re.S | re.M))
+    sections = dict(re.findall(r"^### (\w+: [\w.-]+)\n(.*?)(?=^### |\Z)", block, flags=re.S | re.M))
     problems = []
     for (kind, name), rows in option_tables().items():
         body = sections.get(f"{kind}: {name}")
