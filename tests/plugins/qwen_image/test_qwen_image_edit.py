@@ -172,7 +172,7 @@ def test_input_latents_are_the_pipelines(registry: Any, sources: list[Path]) -> 
     image = pipe.image_processor.preprocess(resized, h, w).unsqueeze(2)
     _, latents = pipe.prepare_latents(image, 1, 4, SIZE, SIZE, torch.float32, torch.device("cpu"), None)
     tokens = latents.shape[1]
-    unit = 2 * policy.vae_scale_factor  # pixels per packed token side: 4 (VAE scale 2, 2x2 packing)
+    unit = 2 * policy.vae_scale_factor  # pixels per packed token side: 2 (VAE scale 1, 2x2 packing)
     assert tokens == (h // unit) * (w // unit) and cond["image_shapes"].tolist() == [[[h // unit, w // unit]]]
     torch.testing.assert_close(cond["image_latents"][:, :tokens], latents, atol=0, rtol=0)
     assert cond["image_latents"].shape == (1, policy.image_tokens, 16)
@@ -190,7 +190,7 @@ def test_rows_are_independent_across_input_shapes(registry: Any, sources: list[P
     records = [Prompt("make it red", images=[sources[0]]), Prompt("make it blue", images=[sources[3]]),
                Prompt("make it green", images=[sources[2]])]
     cond = policy.encode(records)
-    assert cond["image_shapes"][:, 0].tolist() == [[8, 8], [8, 16], [8, 8]]
+    assert cond["image_shapes"][:, 0].tolist() == [[16, 16], [16, 32], [16, 16]]
     alone = [policy.encode([r]) for r in records]
     for k, v in cond.items():
         torch.testing.assert_close(v, torch.cat([a[k] for a in alone]), atol=0, rtol=0)
@@ -243,13 +243,13 @@ def test_plus_reads_every_image_of_a_record(registry: Any, sources: list[Path], 
     policy = make(registry, "qwen-image-edit-plus")
     records = [Prompt("swap them", images=[sources[0], sources[3]]), Prompt("make it red", images=[sources[1]])]
     cond = policy.encode(records)
-    assert cond["image_shapes"].tolist() == [[[8, 8], [8, 16], [0, 0]], [[8, 8], [0, 0], [0, 0]]]
-    assert cond["image_latents"].shape == (2, 3 * max_image_tokens(SIZE * SIZE, 4), 16)
-    first = policy.encode([Prompt("x", images=[sources[0]])])["image_latents"][:, :64]
-    torch.testing.assert_close(cond["image_latents"][:1, :64], first, atol=0, rtol=0)
-    second = policy.encode([Prompt("x", images=[sources[3]])])["image_latents"][:, :128]
-    torch.testing.assert_close(cond["image_latents"][:1, 64:192], second, atol=0, rtol=0)
-    assert not cond["image_latents"][:1, 192:].any() and not cond["image_latents"][1:, 64:].any()
+    assert cond["image_shapes"].tolist() == [[[16, 16], [16, 32], [0, 0]], [[16, 16], [0, 0], [0, 0]]]
+    assert cond["image_latents"].shape == (2, 3 * max_image_tokens(SIZE * SIZE, 2), 16)
+    first = policy.encode([Prompt("x", images=[sources[0]])])["image_latents"][:, :256]
+    torch.testing.assert_close(cond["image_latents"][:1, :256], first, atol=0, rtol=0)
+    second = policy.encode([Prompt("x", images=[sources[3]])])["image_latents"][:, :512]
+    torch.testing.assert_close(cond["image_latents"][:1, 256:768], second, atol=0, rtol=0)
+    assert not cond["image_latents"][:1, 768:].any() and not cond["image_latents"][1:, 256:].any()
     text = policy.pipe.prompt_template_encode.format("Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
                                                       "Picture 2: <|vision_start|><|image_pad|><|vision_end|>swap them")
     vision = int(cond["prompt_embeds_mask"][0].sum()) - (
@@ -287,7 +287,7 @@ def test_model_folder_gets_the_pipelines_defaults(registry: Any, tmp_path: Path)
 def test_max_image_tokens_bounds_every_aspect_ratio() -> None:
     """The padded length covers every input the pipeline can make at an area (sampled over aspect ratios up to
     the processor's limit) and is reached."""
-    for area, unit in ((SIZE * SIZE, 4), (1024 * 1024, 16), (384 * 384, 16)):
+    for area, unit in ((SIZE * SIZE, 2), (1024 * 1024, 16), (384 * 384, 16)):
         bound = max_image_tokens(area, unit)
         seen = 0
         for r in np.exp(np.linspace(-math.log(MAX_ASPECT), math.log(MAX_ASPECT), 20001)):
