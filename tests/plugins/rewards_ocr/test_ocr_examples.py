@@ -27,7 +27,7 @@ def test_every_example_prompt_quotes_its_text(name):
     prompts = load_prompts(str(EXAMPLES / "prompts" / name))
     assert len(prompts) >= 8
     reward = OCRReward(OCROptions(), engine=object())  # targets only: no engine is called
-    targets = [reward.target(p) for p in prompts]       # raises on a prompt without quoted text
+    targets = [reward.target(p.text) for p in prompts]  # raises on a prompt without quoted text
     assert all(0 < len(t) <= 20 for t in targets), targets  # short words, as PP-OCR reads them best
     assert len(set(targets)) == len(targets)
 
