@@ -181,13 +181,13 @@ def test_readme_install_from_wheels_runs(dist: Path, tmp_path: Path) -> None:
     for package, file in json.loads(where.stdout).items():
         assert Path(file).is_relative_to(_site_packages(venv)), (package, file)
 
-    # ff --version: flowfactory, the CLI, each installed plugin package (only ours), torch and diffusers
+    # ff --version: flowfactory, the CLI, each installed plugin package and library (only ours), torch and diffusers
     versions = _run([str(bindir / "ff"), "--version"], timeout=120, env=env, cwd=tmp_path).stdout
     rows = dict(line.split(None, 1) for line in versions.strip().splitlines())
     diffusers = _run([str(python), "-c", "import importlib.metadata as m; print(m.version('diffusers'))"],
                      timeout=60, env=env).stdout.strip()
-    expected = {name: _version(ROOT / folder / "pyproject.toml") for name, (folder, _) in PACKAGES.items()
-                if name != "flowfactory-diffusers"}  # a library without an entry point: not a plugin package
+    # flowfactory-diffusers has no entry point; it is listed as a package that depends on flowfactory
+    expected = {name: _version(ROOT / folder / "pyproject.toml") for name, (folder, _) in PACKAGES.items()}
     assert rows == expected | {"torch": "2.13.0+cpu", "diffusers": diffusers}, versions
 
     listed = json.loads(_run([str(bindir / "ff"), "list", "--json"], timeout=120, env=env, cwd=tmp_path).stdout)

@@ -81,8 +81,10 @@ def plugins_table(records: list[dict[str, Any]]) -> Table:
 
 def version_records() -> list[tuple[str, str]]:
     """(distribution, version) for `ff --version`: flowfactory, flowfactory-cli, every installed package that
-    provides a `flowfactory` entry point, then torch and diffusers; read from the installed metadata, so
-    nothing is imported ("not installed" when absent)."""
+    provides a `flowfactory` entry point or depends on flowfactory (a library such as flowfactory-diffusers,
+    which model plugins build on), then torch and diffusers; read from the installed metadata, so nothing is
+    imported ("not installed" when absent)."""
+    import re
     from importlib import metadata
 
     from flowfactory.plugins import ENTRY_POINT_GROUP
@@ -93,10 +95,18 @@ def version_records() -> list[tuple[str, str]]:
         except metadata.PackageNotFoundError:
             return "not installed"
 
+    def requires_core(dist: metadata.Distribution) -> bool:
+        names = (re.match(r"[A-Za-z0-9._-]*", req).group() for req in dist.requires or ())  # type: ignore[union-attr]
+        return any(re.sub(r"[-_.]+", "-", name).lower() == "flowfactory" for name in names)
+
     plugins = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.dist is not None:
             plugins[ep.dist.metadata["Name"]] = ep.dist.version
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name and name not in ("flowfactory", "flowfactory-cli") and requires_core(dist):
+            plugins[name] = dist.version
     rows = [("flowfactory", version("flowfactory")), ("flowfactory-cli", version("flowfactory-cli"))]
     rows += sorted(plugins.items())
     rows += [(name, version(name)) for name in ("torch", "diffusers")]
