@@ -18,7 +18,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def core(session: nox.Session) -> None:
     """The core and its CLI with no plugin installed: the core must not need any."""
-    session.install(TORCH, "-e", "./core[tensorboard,plot,wandb]", "-e", "./cli", "pytest")
+    session.install(TORCH, "-e", "./core[tensorboard,plot,wandb]", "-e", "./cli", "pytest", "pytest-xdist")
     session.run("pytest", "tests/core", "tests/cli", *session.posargs, env={"FLOWFACTORY_STRICT_PLUGINS": "1"})
 
 
@@ -42,5 +42,5 @@ def wheels(session: nox.Session) -> None:
     `pip install --find-links DIST flowfactory-cli flowfactory-flux flowfactory-grpo` into a clean venv and run
     `ff --version`, `ff list` and a 2-epoch quickstart there. Needs only pytest and build here (--noconftest: the
     shared conftest imports flowfactory, which this session does not install)."""
-    session.install("pytest>=8", "build>=1.0", "setuptools>=70.1")
+    session.install("pytest>=8", "pytest-xdist>=3.5", "build>=1.0", "setuptools>=77")
     session.run("pytest", "tests/packaging", "--noconftest", "-p", "no:cacheprovider", *session.posargs)

@@ -26,6 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 os.environ["FLOWFACTORY_STRICT_PLUGINS"] = "1"  # set at import, before any test loads plugins
 
+# `pytest` runs the suite over several worker processes (pytest-xdist, `-n auto` in pyproject.toml). Each worker
+# gets an equal share of the cores for torch's intra-op threads, set before torch is imported so that this
+# process and every `ff run` it starts use the same count (oversubscribed threads make CPU torch several
+# times slower). A run without workers (`pytest -n 0`) keeps torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_threads))
+
 import flowfactory.plugins as ff_plugins
 from flowfactory import hookimpl
 from flowfactory.types import OptimizerHooks, Requirements
@@ -185,3 +194,8 @@ def config_file(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most 4 (the multi-process tests start 2 more processes each)."""
+    return max(1, min(os.cpu_count() or 1, 4))
