@@ -179,6 +179,20 @@ def test_two_expert_lora_save_loads_into_the_stock_pipeline(make_i2v, frames, ti
     assert (mine - untrained).abs().max() > 1e-3
 
 
+def test_default_lora_adapts_the_image_cross_attention_where_the_model_has_one(make_i2v) -> None:
+    """Wan 2.1 I2V: add_k_proj/add_v_proj get adapters (diffusers then loads the LoRA as an I2V LoRA, with no
+    zero padding and no peft warning); Wan 2.2 I2V has no image states, so the two targets are left out there,
+    while a target that matches nothing else is still an error."""
+    def adapted(policy: Any) -> set[str]:
+        return {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in policy.transformer.named_parameters()
+                if "lora_A" in n}
+
+    assert adapted(make_i2v(lora={"rank": 4})) == {"to_q", "to_k", "to_v", "0", "add_k_proj", "add_v_proj"}
+    assert adapted(make_i2v(tiny_experts=2, lora={"rank": 4})) == {"to_q", "to_k", "to_v", "0"}
+    with pytest.raises(FlowFactoryError, match=r"lora.target_modules: \['to_kv'\] match no module"):
+        make_i2v(tiny_experts=2, lora={"rank": 4, "target_modules": ["to_q", "to_kv", "add_k_proj"]})
+
+
 # --- errors ------------------------------------------------------------------------------------------------
 
 def test_records_without_a_usable_image_are_errors_naming_the_prompt(make_i2v, frames) -> None:

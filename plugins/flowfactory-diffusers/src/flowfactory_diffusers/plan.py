@@ -104,7 +104,7 @@ def plan_parts(modules: Mapping[str, nn.Module], options: Any, ctx: BuildContext
         dead = probe._dead_modules(module)
         if options.lora is not None:
             add_lora(module, options.lora, ctx.seed, policy=policy_cls.name, hint=policy_cls.lora_target_hint,
-                     exclude=dead)
+                     exclude=dead, optional=policy_cls.lora_optional_targets)
             parts.append(module_part(name, "trained", module, lambda n, p: "lora_" in n))
             continue
         module.requires_grad_(True)

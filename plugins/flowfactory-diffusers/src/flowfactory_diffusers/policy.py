@@ -119,6 +119,9 @@ class DiffusersPolicyBase:
 
     name: ClassVar[str] = "diffusers"
     lora_target_hint: ClassVar[str] = ""
+    # default LoRA targets that some models of this policy lack (Wan 2.2 I2V has no image cross-attention):
+    # left out where no module matches, instead of refused
+    lora_optional_targets: ClassVar[tuple[str, ...]] = ()
     # attributes whose values change what `encode` returns; they enter `conditioning_fingerprint`
     encode_options: ClassVar[tuple[str, ...]] = ("max_sequence_length",)
     # pipeline components besides the text encoders and tokenizers that `encode` runs (an editing model's VAE,
@@ -354,7 +357,7 @@ class DiffusersPolicyBase:
         for index, (name, net) in enumerate(networks.items()):
             if lora is not None:
                 add_lora(net, lora, seed + index, policy=self.name, hint=self.lora_target_hint,
-                         exclude=self._dead_modules(net))
+                         exclude=self._dead_modules(net), optional=self.lora_optional_targets)
             else:
                 net.requires_grad_(True)
                 for dead in self._dead_modules(net):  # would never get a gradient: not trainable
@@ -467,21 +470,23 @@ class DiffusersPolicyBase:
 
 
 def add_lora(transformer: nn.Module, lora: LoraSettings, seed: int, *, policy: str, hint: str,
-             exclude: Sequence[str] = ()) -> None:
+             exclude: Sequence[str] = (), optional: Sequence[str] = ()) -> None:
     """Inject a peft LoRA adapter (A drawn from `seed`, B zero), trainable in float32; freeze the rest.
 
-    `exclude`: full module names left without an adapter even though they match a target."""
+    `exclude`: full module names left without an adapter even though they match a target. `optional`: targets
+    dropped when they match no module (any other target that matches nothing is an error)."""
     from peft import LoraConfig
 
     transformer.requires_grad_(False)
     names = [name for name, _ in transformer.named_modules()]
     missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        raise FlowFactoryError(
-            f"{policy} policy option lora.target_modules: {missing} match no module of the transformer; {hint}")
+    if [t for t in missing if t not in optional]:
+        raise FlowFactoryError(f"{policy} policy option lora.target_modules: "
+                               f"{[t for t in missing if t not in optional]} match no module of the transformer; {hint}")
+    targets = [t for t in lora.target_modules if t not in missing]
     config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
-        target_modules=list(lora.target_modules), lora_dropout=lora.dropout,
+        target_modules=targets, lora_dropout=lora.dropout,
         init_lora_weights=True if lora.init == "default" else "gaussian",
         exclude_modules=list(exclude) or None,
     )

@@ -23,11 +23,15 @@ if TYPE_CHECKING:
     from flowfactory_wan.policy import WanPolicy
 
 __version__ = "0.1.0"
-__all__ = ["WAN_LORA_TARGETS", "WanI2VOptions", "WanLoraOptions", "WanOptions", "build", "build_i2v", "plan",
-           "plan_i2v", "register_policies"]
+__all__ = ["WAN_I2V_LORA_TARGETS", "WAN_LORA_TARGETS", "WanI2VLoraOptions", "WanI2VOptions", "WanLoraOptions",
+           "WanOptions", "build", "build_i2v", "plan", "plan_i2v", "register_policies"]
 
 # Wan blocks' self-attention (attn1) and text cross-attention (attn2) projections.
 WAN_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+# image-to-video also adapts attn2's key/value projections of the CLIP image states (Wan 2.1 I2V and FLF2V; Wan
+# 2.2 I2V has none). diffusers' Wan LoRA loader reads a LoRA with them as an I2V LoRA; one without gets zero
+# adapters padded in, which peft then reports as modules missing from the adapter's config.
+WAN_I2V_LORA_TARGETS: tuple[str, ...] = (*WAN_LORA_TARGETS, "add_k_proj", "add_v_proj")
 
 
 class WanLoraOptions(LoraOptions):
@@ -37,6 +41,17 @@ class WanLoraOptions(LoraOptions):
         default_factory=lambda: list(WAN_LORA_TARGETS), min_length=1,
         description="Module names (peft suffix match) that get an adapter. Default: the self- and cross-attention "
                     "projections to_q/to_k/to_v/to_out.0 (feed-forward: ffn.net.0.proj, ffn.net.2).")
+
+
+class WanI2VLoraOptions(WanLoraOptions):
+    """`wan-i2v`'s LoRA: by default the image cross-attention projections as well."""
+
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(WAN_I2V_LORA_TARGETS), min_length=1,
+        description="Module names (peft suffix match) that get an adapter. Default: the self- and cross-attention "
+                    "projections to_q/to_k/to_v/to_out.0 and the image cross-attention's add_k_proj/add_v_proj "
+                    "(Wan 2.1 I2V and FLF2V; left out on Wan 2.2 I2V, which has none). Feed-forward: ffn.net.0.proj, "
+                    "ffn.net.2.")
 
 
 class WanOptions(DiffusersPolicyOptions):
@@ -94,6 +109,10 @@ class WanI2VOptions(WanOptions):
     # per prompt record, checked by `ff validate`: the first frame, or the first and the last (which the model
     # itself narrows: Wan 2.1 I2V one, FLF2V two; `encode` names a record it cannot read)
     input_images: ClassVar[tuple[int, int]] = (1, 2)
+
+    lora: WanI2VLoraOptions | None = Field(  # type: ignore[assignment]
+        None, description="Train a LoRA adapter (on every expert) with these settings; null: full finetune of "
+                          "the transformer(s).")
 
     height: int | None = Field(
         None, ge=1, description="Video height in pixels (multiple of the VAE's spatial factor x patch size, 16 for "

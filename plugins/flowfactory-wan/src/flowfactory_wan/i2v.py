@@ -51,6 +51,7 @@ class WanI2VPolicy(WanPolicy):
     encode_options = ("max_sequence_length", "negative_prompt", "do_cfg", "height", "width", "num_frames",
                       "image_processor_config")
     encode_components = ("vae", "image_encoder")  # encode runs them on the input images
+    lora_optional_targets = ("add_k_proj", "add_v_proj")  # the image cross-attention: not in Wan 2.2 I2V
 
     def __init__(self, pipe: Any, **kwargs: Any):
         super().__init__(pipe, **kwargs)
