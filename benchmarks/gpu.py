@@ -1,11 +1,13 @@
 """Peak GPU memory and seconds per epoch of real-size GRPO runs, next to `ff plan`'s estimate. No downloads.
 
-For FLUX.1-dev and Wan 2.1 T2V 1.3B, LoRA (rank 32) and full finetune, over every visible GPU (FSDP2, bf16):
+For FLUX.1-dev, Wan 2.1 T2V 1.3B, Z-Image-Turbo and Qwen-Image, LoRA (rank 32) and full finetune, over every
+visible GPU (FSDP2, bf16):
 
 1. materialise: a random-weight pipeline folder built from the stored configs in tests/data/model-configs/
-   (every component at its real size, text encoders included: T5-XXL, UMT5-XXL; initialised on the GPU in
-   bf16, then `save_pretrained`); tokenizers are flowfactory's in-memory test tokenizers (not the real
-   vocabularies: the text encoders see other token ids, at the same sequence lengths);
+   (every component at its real size, text encoders included: T5-XXL, UMT5-XXL, Qwen3-4B, Qwen2.5-VL 7B with its
+   vision tower; initialised on the GPU in bf16, then `save_pretrained`); tokenizers are flowfactory's in-memory
+   test tokenizers (not the real vocabularies: the text encoders see other token ids, at the same sequence lengths
+   where the pipeline pads to max_sequence_length; Z-Image's carries Qwen3's chat template);
 2. plan: `ff plan`'s per-process estimate for each run (`flowfactory.plan.plan_memory`, what `ff plan --json`
    prints), activations excluded;
 3. run: `ff run` on a config pointing at that folder, one process per GPU (`torch.distributed.run`), recording
@@ -14,16 +16,20 @@ For FLUX.1-dev and Wan 2.1 T2V 1.3B, LoRA (rank 32) and full finetune, over ever
    results.md to $OUT if set, else benchmarks/out/ (or --out). s/epoch is the mean `time/epoch_s` of
    metrics.jsonl without the first epoch (warm-up).
 
-A run whose plan exceeds the GPU's memory is reported as skipped (FLUX.1-dev full finetune on one GPU: AdamW
-state and float32 master weights of 12B parameters need ~180 GiB); a run that fails (e.g. out of memory) is
-reported with the last line of its log and the others go on.
+A run whose plan exceeds the GPU's memory is reported as skipped (on one GPU: FLUX.1-dev's and Qwen-Image's full
+finetunes, the AdamW state and float32 master weights of 12B and 20B parameters); a run that fails (e.g. out of
+memory) is reported with the last line of its log and the others go on, as are a model's rows whose folder could
+not be materialised (e.g. too little disk).
 
-    python benchmarks/gpu.py                      # GPU machine: all GPUs, real sizes (~8 min on one H200)
+    python benchmarks/gpu.py                      # GPU machine: all GPUs, real sizes, every model
+    python benchmarks/gpu.py --models flux wan        # the first two alone: ~8 min on one H200 (estimated)
     python benchmarks/gpu.py --models wan --modes lora --epochs 2
+    python benchmarks/gpu.py --models z-image qwen-image --modes lora
     python benchmarks/gpu.py --tiny               # CPU, 1 process, tiny sizes: the same steps (the tests run it)
 
-It installs and downloads nothing; the materialised folders (~34 GB for FLUX.1-dev, ~15 GB for Wan) go to a
-temporary folder (--work) and are removed when the model's runs end, as are the run folders (--keep keeps both).
+It installs and downloads nothing; the materialised folders (~34 GB for FLUX.1-dev, ~15 GB for Wan, ~21 GB for
+Z-Image-Turbo, ~58 GB for Qwen-Image) go to a temporary folder (--work) and are removed when the model's runs end,
+as are the run folders (--keep keeps both).
 """
 
 from __future__ import annotations
@@ -97,22 +103,70 @@ WAN = Model(
                 "scale_factor_spatial": 2, "scale_factor_temporal": 2},
     },
 )
-MODELS: dict[str, Model] = {"flux": FLUX, "wan": WAN}
+Z_IMAGE = Model(
+    key="z-image-turbo", policy="z-image",  # Z-Image-Turbo runs without CFG, in 9 steps (its model card)
+    options={"height": 512, "width": 512, "max_sequence_length": 512, "guidance_scale": 0.0},
+    tiny_options={"height": 16, "width": 16, "max_sequence_length": 64, "guidance_scale": 0.0},
+    sampler={"steps": 9, "noise_level": 0.7, "sde_window_size": 2, "sde_window_range": [0, 5]},
+    prompts_per_process=2, train={"rollout_batch_size": 8, "micro_batch_size": 4},
+    shrink={
+        "transformer": {"dim": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 1, "n_refiner_layers": 1,
+                        "axes_dims": [4, 6, 6], "cap_feat_dim": 32},
+        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,  # hidden_states[-2]
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 512,
+                         "bos_token_id": None, "eos_token_id": None},  # Qwen3's ids lie past 512 (generation only)
+        "vae": {"block_out_channels": [16], "down_block_types": ["DownEncoderBlock2D"],
+                "up_block_types": ["UpDecoderBlock2D"], "layers_per_block": 1, "norm_num_groups": 4,
+                "sample_size": 16},
+    },
+)
+QWEN_IMAGE = Model(
+    key="qwen-image", policy="qwen-image",
+    options={"height": 512, "width": 512, "max_sequence_length": 512, "true_cfg_scale": 4.0, "negative_prompt": " "},
+    tiny_options={"height": 16, "width": 16, "max_sequence_length": 32, "true_cfg_scale": 4.0,
+                  "negative_prompt": " "},
+    sampler={"steps": 10, "noise_level": 0.7, "sde_window_size": 2, "sde_window_range": [0, 5]},
+    prompts_per_process=1, train={"rollout_batch_size": 4, "micro_batch_size": 2},
+    shrink={
+        "transformer": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 32,
+                        "axes_dims_rope": [8, 12, 12], "joint_attention_dim": 32},
+        # Qwen2.5-VL: the text model's keys are flat in config.json (mrope_section sums to head_dim / 2), the
+        # vision tower's (which text-to-image never runs) under vision_config
+        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "num_key_value_heads": 1, "vocab_size": 512, "rope_scaling": {"mrope_section": [2, 3, 3]},
+                         "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                                           "out_hidden_size": 32, "fullatt_block_indexes": [0]}},
+        "vae": {"base_dim": 16, "dim_mult": [1], "num_res_blocks": 1, "temperal_downsample": []},
+    },
+)
+MODELS: dict[str, Model] = {"flux": FLUX, "wan": WAN, "z-image": Z_IMAGE, "qwen-image": QWEN_IMAGE}
 MODES = ("lora", "full")
 GROUP_SIZE = 4
 
 
 # ============================================================================ materialise (a worker process)
 
-def _tokenizer(cls_name: str, name: str) -> Any:
-    """An in-memory tokenizer of the class model_index.json names (not the real vocabulary)."""
-    from flowfactory.testing import tokenizers
+def _tokenizer(cls_name: str, name: str, pipeline: str) -> Any:
+    """An in-memory tokenizer of the class model_index.json names (not the real vocabulary) for `pipeline`."""
+    from flowfactory_diffusers import tokenizers
 
+    if pipeline == "ZImagePipeline":  # it prompts through the tokenizer's chat template: Qwen3's
+        from flowfactory_zimage.tiny import qwen3_tokenizer
+
+        return qwen3_tokenizer()
     makers = {"CLIPTokenizer": tokenizers.clip_tokenizer, "T5TokenizerFast": tokenizers.t5_tokenizer,
               "Qwen2Tokenizer": tokenizers.qwen2_tokenizer}
     if cls_name not in makers:
         raise SystemExit(f"gpu.py: no in-memory tokenizer for {name} ({cls_name})")
     return makers[cls_name]()
+
+
+def _merged(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config` with `overrides`; a dict override of a dict entry (a sub-config) merges into it."""
+    out = dict(config)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _random_module(lib: str, cls: type, src: Path, name: str, overrides: dict[str, Any], device: str,
@@ -126,13 +180,10 @@ def _random_module(lib: str, cls: type, src: Path, name: str, overrides: dict[st
     try:
         with torch.device(device):
             if lib == "diffusers":
-                config = {**cls.load_config(src, subfolder=name), **overrides}
-                module = cls.from_config(config)
-            else:
-                config = cls.config_class.from_pretrained(src, subfolder=name)
-                for key, value in overrides.items():
-                    setattr(config, key, value)
-                module = cls(config)
+                module = cls.from_config(_merged(cls.load_config(src, subfolder=name), overrides))
+            else:  # overrides go into config.json before the config is built: what it derives follows them
+                raw, _ = cls.config_class.get_config_dict(src, subfolder=name)
+                module = cls(cls.config_class.from_dict(_merged(raw, overrides)))
     finally:
         torch.set_default_dtype(previous)
     return nn.Module.to(module, dtype).eval()  # diffusers' own .to warns about its float32 modules
@@ -159,7 +210,7 @@ def materialise(src: Path, dest: Path, *, device: str, dtype_name: str, shrink: 
             lib, cls_name = spec
             cls = getattr(importlib.import_module(lib), cls_name)
             if cls_name.endswith(("Tokenizer", "TokenizerFast")):
-                components[name] = _tokenizer(cls_name, name)
+                components[name] = _tokenizer(cls_name, name, index["_class_name"])
             elif isinstance(cls, type) and issubclass(cls, nn.Module):
                 components[name] = _random_module(lib, cls, src, name, shrink.get(name, {}), device, dtype)
                 params += sum(p.numel() for p in components[name].parameters())
@@ -174,7 +225,11 @@ def materialise(src: Path, dest: Path, *, device: str, dtype_name: str, shrink: 
                          f"{free / GIB:.1f} GiB free; give --work a larger disk")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder would hold the disk the next model needs
+        raise
     (tmp / "materialised.json").write_text(json.dumps(
         {"from": str(src), "parameters": params, "dtype": dtype_name, "shrunk": sorted(shrink)}, indent=2))
     shutil.rmtree(dest, ignore_errors=True)
@@ -243,7 +298,7 @@ class Result:
     model: str
     mode: str
     processes: int
-    plan_gib: float
+    plan_gib: float | None  # None: not planned (the model could not be materialised)
     peak_gib: float | None = None  # max over processes of max_memory_allocated
     reserved_gib: float | None = None
     s_per_epoch: float | None = None
@@ -409,15 +464,22 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
             folder = work / f"{model.key}{'-tiny' if tiny else ''}"
             info = work / "device.json"
             print(f"[{model.key}] materialising random weights from {CONFIGS / model.key} ...", flush=True)
+            info.unlink(missing_ok=True)
             env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"} if tiny else {}))
             code = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--worker", "materialise", str(info),
                  "cpu" if tiny else "cuda", "float32" if tiny else "bfloat16", model.key, str(folder),
                  "1" if tiny else "0"], env=env, cwd=ROOT).returncode
-            if code:
+            device = json.loads(info.read_text()) if info.exists() else {}
+            if code and device.get("kind") != ("cpu" if tiny else "cuda"):  # nothing can run here (no CUDA)
                 raise SystemExit(f"gpu.py: materialising {model.key} failed (exit {code})")
-            device = json.loads(info.read_text())
             processes = args.processes or (1 if tiny else device["count"])
+            if code:  # e.g. too little disk (its message is above): this model's rows say so, the others go on
+                print(f"[{model.key}] materialising failed (exit {code})", flush=True)
+                results += [Result(model.key, mode, processes, None, status=f"failed: materialising (exit {code})")
+                            for mode in args.modes]
+                write_report(out_dir, results, device, shapes, tiny, digits)
+                continue
             for mode in args.modes:
                 key = f"{model.key}/{mode}"
                 config = work / f"{model.key}-{mode}.yaml"
@@ -473,7 +535,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU, tiny random models: the tests' half.")
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
+                   help=f"Default: all, in this order: {' '.join(MODELS)}.")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--processes", type=int, default=None, help="Default: every visible GPU (1 with --tiny: gloo CPU processes).")
     p.add_argument("--epochs", type=int, default=None, help="Default: 3 (2 with --tiny); the first is not timed.")

@@ -60,15 +60,16 @@ def test_gpu_benchmark_cpu_half_reports_every_model_and_mode(tmp_path: Path) -> 
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--out", str(out),
                              "--work", str(work), "--keep"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    rows = re.findall(r"^(flux\.1-dev|wan2\.1-t2v-1\.3b)\s+(lora|full)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S.*)$",
+    models = ("flux.1-dev", "wan2.1-t2v-1.3b", "z-image-turbo", "qwen-image")
+    names = "|".join(re.escape(m) for m in models)
+    rows = re.findall(rf"^({names})\s+(lora|full)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S.*)$",
                       result.stdout, flags=re.M)
     table = {(model, mode): (int(n), float(plan), f"{peak} {rest}", float(seconds), status)
              for model, mode, n, plan, peak, rest, seconds, status in rows}
-    assert len(rows) == 4 and set(table) == {(m, mode) for m in ("flux.1-dev", "wan2.1-t2v-1.3b")
-                                              for mode in ("lora", "full")}, result.stdout
+    assert len(rows) == 8 and set(table) == {(m, mode) for m in models for mode in ("lora", "full")}, result.stdout
     for n, plan, peak, seconds, status in table.values():
         assert (n, peak, status) == (1, "n/a n/a", "ok") and plan > 0 and seconds > 0  # no CUDA numbers on CPU
-    for model in ("flux.1-dev", "wan2.1-t2v-1.3b"):  # float32 weights and AdamW state of the whole transformer
+    for model in models:  # float32 weights and AdamW state of the whole transformer
         assert table[(model, "full")][1] > table[(model, "lora")][1]
 
     report = json.loads((out / "results.json").read_text())
@@ -110,6 +111,9 @@ def test_gpu_benchmark_reads_peaks_of_every_process_and_skips_what_cannot_fit(tm
     assert (result.peak_gib, result.reserved_gib, result.s_per_epoch) == (31.0, 33.0, 13.0)
     assert (result.rollout_s, result.train_s, result.epochs_timed) == (8.5, 4.5, 2)
     assert gpu.table_rows([result], 2) == [("flux.1-dev", "lora", "2", "12.50", "31.00", "18.50", "13.00", "ok")]
+    unmade = gpu.Result("qwen-image", "full", 1, None, status="failed: materialising (exit 1)")  # e.g. a full disk
+    assert gpu.table_rows([unmade], 2) == [("qwen-image", "full", "1", "n/a", "n/a", "n/a", "n/a",
+                                            "failed: materialising (exit 1)")]
 
     h200 = 143_771_287_552  # bytes torch reports for one H200
     assert gpu.too_big(186.73, h200) == "skipped: plan > 127 GiB of the GPU"  # FLUX.1-dev full finetune, 1 process
