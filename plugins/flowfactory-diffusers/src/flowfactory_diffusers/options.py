@@ -9,9 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flowfactory.config import PATH_OR_HUB_ID
 
-# The attention projections of both streams of an MMDiT (FLUX, SD3): image stream, then text stream.
+# The projections of a diffusers attention module: a single-stream block's (Z-Image, Qwen-Image 2.1, Wan), or
+# the image stream's of an MMDiT.
+ATTENTION_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+# The attention projections of both streams of an MMDiT (FLUX, SD3, Qwen-Image): image stream, then text stream.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
-    "to_q", "to_k", "to_v", "to_out.0",  # image-stream attention (double and single blocks)
+    *ATTENTION_LORA_TARGETS,  # image-stream attention (double and single blocks)
     "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",  # text-stream attention (double blocks)
 )
 

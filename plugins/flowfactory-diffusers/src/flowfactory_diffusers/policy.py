@@ -480,9 +480,9 @@ def add_lora(transformer: nn.Module, lora: LoraSettings, seed: int, *, policy: s
     transformer.requires_grad_(False)
     names = [name for name, _ in transformer.named_modules()]
     missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if [t for t in missing if t not in optional]:
-        raise FlowFactoryError(f"{policy} policy option lora.target_modules: "
-                               f"{[t for t in missing if t not in optional]} match no module of the transformer; {hint}")
+    if unknown := [t for t in missing if t not in optional]:
+        raise FlowFactoryError(
+            f"{policy} policy option lora.target_modules: {unknown} match no module of the transformer; {hint}")
     targets = [t for t in lora.target_modules if t not in missing]
     config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,

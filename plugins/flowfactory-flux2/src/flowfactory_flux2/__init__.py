@@ -14,7 +14,7 @@ from pydantic import Field
 from flowfactory import hookimpl
 from flowfactory.registry import BuildContext
 from flowfactory_diffusers import quiet_transformers
-from flowfactory_diffusers.options import DiffusersPolicyOptions, LoraOptions
+from flowfactory_diffusers.options import DEFAULT_LORA_TARGETS, DiffusersPolicyOptions, LoraOptions
 
 if TYPE_CHECKING:
     from flowfactory.plan import PolicyPlan
@@ -28,8 +28,7 @@ __all__ = ["FLUX2_LORA_TARGETS", "Flux2KleinOptions", "Flux2Options", "LoraOptio
 # blocks' fused QKV + MLP input projection. A single block's output projection is `attn.to_out` (a Linear) while a
 # double block's `attn.to_out` is a ModuleList, so it cannot be a suffix target: name it per block instead
 # (`single_transformer_blocks.0.attn.to_out`, ...).
-FLUX2_LORA_TARGETS: tuple[str, ...] = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_qkv_mlp_proj")
+FLUX2_LORA_TARGETS: tuple[str, ...] = (*DEFAULT_LORA_TARGETS, "to_qkv_mlp_proj")
 
 
 def _lora_targets() -> list[str]:

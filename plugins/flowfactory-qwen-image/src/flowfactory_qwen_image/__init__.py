@@ -15,7 +15,12 @@ from pydantic import Field
 from flowfactory import hookimpl
 from flowfactory.registry import BuildContext
 from flowfactory_diffusers import quiet_transformers
-from flowfactory_diffusers.options import DiffusersPolicyOptions, LoraOptions
+from flowfactory_diffusers.options import (
+    ATTENTION_LORA_TARGETS,
+    DEFAULT_LORA_TARGETS,
+    DiffusersPolicyOptions,
+    LoraOptions,
+)
 
 if TYPE_CHECKING:
     from flowfactory.plan import PolicyPlan
@@ -28,9 +33,8 @@ __all__ = ["QWEN_IMAGE_21_LORA_TARGETS", "QWEN_IMAGE_LORA_TARGETS", "LoraOptions
            "QwenImage21Options", "QwenImageEditOptions", "QwenImageEditPlusOptions", "QwenImageOptions", "build",
            "build_edit", "build_edit_plus", "build_qwen21", "plan", "plan_edit", "plan_qwen21", "register_policies"]
 
-# Qwen-Image's dual-stream attention projections: image stream, then text stream (same names as FLUX/SD3).
-QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# Qwen-Image's dual-stream attention projections: image stream, then text stream (the MMDiT names of FLUX/SD3).
+QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
 
 class QwenImageOptions(DiffusersPolicyOptions):
@@ -101,7 +105,7 @@ class QwenImageEditPlusOptions(QwenImageEditOptions):
 
 
 # Qwen-Image 2.1's single-stream attention projections (one set per block, text and image tokens alike).
-QWEN_IMAGE_21_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+QWEN_IMAGE_21_LORA_TARGETS: tuple[str, ...] = ATTENTION_LORA_TARGETS
 
 
 class QwenImage21LoraOptions(LoraOptions):

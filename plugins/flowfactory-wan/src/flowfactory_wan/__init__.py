@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from flowfactory import hookimpl
 from flowfactory.registry import BuildContext
 from flowfactory_diffusers import quiet_transformers
-from flowfactory_diffusers.options import DiffusersPolicyOptions, LoraOptions
+from flowfactory_diffusers.options import ATTENTION_LORA_TARGETS, DiffusersPolicyOptions, LoraOptions
 
 if TYPE_CHECKING:
     from flowfactory.plan import PolicyPlan
@@ -23,15 +23,16 @@ if TYPE_CHECKING:
     from flowfactory_wan.policy import WanPolicy
 
 __version__ = "0.1.0"
-__all__ = ["WAN_I2V_LORA_TARGETS", "WAN_LORA_TARGETS", "WanI2VLoraOptions", "WanI2VOptions", "WanLoraOptions",
-           "WanOptions", "build", "build_i2v", "plan", "plan_i2v", "register_policies"]
+__all__ = ["WAN_I2V_LORA_TARGETS", "WAN_IMAGE_LORA_TARGETS", "WAN_LORA_TARGETS", "WanI2VLoraOptions", "WanI2VOptions",
+           "WanLoraOptions", "WanOptions", "build", "build_i2v", "plan", "plan_i2v", "register_policies"]
 
 # Wan blocks' self-attention (attn1) and text cross-attention (attn2) projections.
-WAN_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-# image-to-video also adapts attn2's key/value projections of the CLIP image states (Wan 2.1 I2V and FLF2V; Wan
-# 2.2 I2V has none). diffusers' Wan LoRA loader reads a LoRA with them as an I2V LoRA; one without gets zero
-# adapters padded in, which peft then reports as modules missing from the adapter's config.
-WAN_I2V_LORA_TARGETS: tuple[str, ...] = (*WAN_LORA_TARGETS, "add_k_proj", "add_v_proj")
+WAN_LORA_TARGETS: tuple[str, ...] = ATTENTION_LORA_TARGETS
+# attn2's key/value projections of the CLIP image states (Wan 2.1 I2V and FLF2V; Wan 2.2 I2V has none), which
+# image-to-video adapts too: diffusers' Wan LoRA loader reads a LoRA with them as an I2V LoRA; one without gets
+# zero adapters padded in, which peft then reports as modules missing from the adapter's config.
+WAN_IMAGE_LORA_TARGETS: tuple[str, ...] = ("add_k_proj", "add_v_proj")
+WAN_I2V_LORA_TARGETS: tuple[str, ...] = (*WAN_LORA_TARGETS, *WAN_IMAGE_LORA_TARGETS)
 
 
 class WanLoraOptions(LoraOptions):

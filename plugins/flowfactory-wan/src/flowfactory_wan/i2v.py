@@ -30,7 +30,7 @@ from flowfactory.prompts import Prompt, as_prompts
 from flowfactory.registry import BuildContext
 from flowfactory.types import Conditioning
 from flowfactory_diffusers.policy import load_or_build, training_kwargs
-from flowfactory_wan import WanI2VOptions
+from flowfactory_wan import WAN_IMAGE_LORA_TARGETS, WanI2VOptions
 from flowfactory_wan.policy import WanPolicy
 
 TEXT_CONTEXT = 512  # diffusers' WanAttnProcessor takes the last 512 context tokens as text when it has image ones
@@ -51,7 +51,7 @@ class WanI2VPolicy(WanPolicy):
     encode_options = ("max_sequence_length", "negative_prompt", "do_cfg", "height", "width", "num_frames",
                       "image_processor_config")
     encode_components = ("vae", "image_encoder")  # encode runs them on the input images
-    lora_optional_targets = ("add_k_proj", "add_v_proj")  # the image cross-attention: not in Wan 2.2 I2V
+    lora_optional_targets = WAN_IMAGE_LORA_TARGETS  # the image cross-attention: not in Wan 2.2 I2V
 
     def __init__(self, pipe: Any, **kwargs: Any):
         super().__init__(pipe, **kwargs)

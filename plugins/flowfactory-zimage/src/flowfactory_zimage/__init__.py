@@ -14,7 +14,7 @@ from pydantic import Field
 from flowfactory import hookimpl
 from flowfactory.registry import BuildContext
 from flowfactory_diffusers import quiet_transformers
-from flowfactory_diffusers.options import DiffusersPolicyOptions, LoraOptions
+from flowfactory_diffusers.options import ATTENTION_LORA_TARGETS, DiffusersPolicyOptions, LoraOptions
 
 if TYPE_CHECKING:
     from flowfactory.plan import PolicyPlan
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = ["Z_IMAGE_LORA_TARGETS", "ZImageLoraOptions", "ZImageOptions", "build", "plan", "register_policies"]
 
 # The attention projections of Z-Image's single-stream blocks (refiners and main blocks alike).
-Z_IMAGE_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+Z_IMAGE_LORA_TARGETS: tuple[str, ...] = ATTENTION_LORA_TARGETS
 
 
 class ZImageLoraOptions(LoraOptions):
