@@ -63,10 +63,20 @@ class SDEWindowOptions(BaseModel):
                           "start where the window fits), MixGRPO.")
     deterministic_last_step: bool = Field(
         True, description="Integrate the last step (to sigma=0) without noise, so samples are clean.")
+    ode_solver: Literal["euler", "dpm-solver++2m"] = Field(
+        "euler", description="Integrator of the deterministic steps after the SDE window (MixGRPO-Flash): `euler`, "
+                             "or `dpm-solver++2m`, the second-order multistep DPM-Solver++ on the data prediction "
+                             "x - sigma v, started afresh after the window (its first step and the step to sigma 0 "
+                             "are Euler). Needs sde_window_size. Steps before the window, deterministic (eval) "
+                             "rollouts and step_distribution stay Euler; trained steps are unchanged.")
 
     @model_validator(mode="after")
     def _window(self) -> SDEWindowOptions:
         last = self.steps - (1 if self.deterministic_last_step else 0)
+        if self.ode_solver != "euler" and self.sde_window_size is None:
+            raise ValueError(f"ode_solver={self.ode_solver} integrates the steps after the SDE window and needs "
+                             f"sde_window_size: without it only the last step (to sigma 0, an Euler step in any "
+                             f"solver) follows the window")
         if self.sde_window_size is not None and self.sde_window_size > last:
             raise ValueError(f"sde_window_size={self.sde_window_size} exceeds the {last} steps that can be stochastic")
         if self.sde_window_range is not None:

@@ -1,7 +1,8 @@
 """Euler ODE and SDE samplers (Flow-GRPO, DanceGRPO, CPS) for rectified-flow policies.
 
 Convention: x_sigma = (1 - sigma) x_0 + sigma * eps, the policy predicts v = eps - x_0, and an ODE step is
-x_next = x + (sigma_next - sigma) v.
+x_next = x + (sigma_next - sigma) v. The SDE samplers' `ode_solver: dpm-solver++2m` (MixGRPO-Flash) integrates
+the deterministic steps after the SDE window with `dpm_solver_2m_step` instead.
 """
 
 from __future__ import annotations
@@ -41,6 +42,29 @@ def sliding_window_start(epoch: int, lo: int, hi: int, *, stride: int, every_epo
     return min(lo + shifts * stride, hi - 1)
 
 
+def dpm_solver_2m_step(x: torch.Tensor, v: torch.Tensor, x0_prev: torch.Tensor | None, sigmas: torch.Tensor,
+                       i: int) -> torch.Tensor:
+    """x_{i+1} by DPM-Solver++(2M) (Lu et al. 2022, multistep, second order) for a rectified flow, from x = x_i, its
+    velocity v and `x0_prev`, the data prediction x_{i-1} - sigma_{i-1} v_{i-1} of the previous step of the same ODE
+    solution (None: none yet). With alpha = 1 - sigma, lambda = log(alpha / sigma), h = lambda_{i+1} - lambda_i,
+    r = (lambda_i - lambda_{i-1}) / h and the data prediction x0 = x - sigma_i v, the update
+        x_{i+1} = sigma_{i+1} / sigma_i x + (alpha_{i+1} - alpha_i sigma_{i+1} / sigma_i) (x0 + (x0 - x0_prev) / (2 r))
+    is the Euler step (DPM-Solver++'s first order one, for this flow) plus its second-order term. It falls back to
+    Euler without a previous step and at the step to sigma 0 (lambda = inf there, as DPM-Solver++'s final step)."""
+    s, t = float(sigmas[i]), float(sigmas[i + 1])
+    euler = x + (t - s) * v
+    if x0_prev is None or t <= 0.0 or i == 0 or float(sigmas[i - 1]) >= 1.0:
+        return euler
+    p = float(sigmas[i - 1])
+
+    def lam(sigma: float) -> float:
+        return math.log((1.0 - sigma) / sigma)
+
+    r = (lam(s) - lam(p)) / (lam(t) - lam(s))
+    coef = (1.0 - t) - (1.0 - s) * t / s  # alpha_t - alpha_s sigma_t / sigma_s = -alpha_t (e^{-h} - 1)
+    return euler + (coef / (2.0 * r)) * ((x - s * v) - x0_prev)
+
+
 def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
 
@@ -56,6 +80,11 @@ class _BaseSampler(ABC):
     def stochastic_mask(self, epoch: int) -> torch.Tensor:
         """[steps] bool: which steps of a rollout at `epoch` are sampled with noise."""
         return torch.zeros(self.steps, dtype=torch.bool)
+
+    def multistep_mask(self, stochastic: torch.Tensor) -> torch.Tensor:
+        """[steps] bool: the deterministic steps a rollout with this stochastic mask integrates with
+        `dpm_solver_2m_step` rather than `ode_step` (none here; the SDE samplers' `ode_solver`)."""
+        return torch.zeros_like(stochastic)
 
     def ode_step(self, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: int) -> torch.Tensor:
         """x_{i+1} of a deterministic step from x = x_i and its velocity v (both float32): the Euler step
@@ -73,18 +102,25 @@ class _BaseSampler(ABC):
                 deterministic: bool = False, epoch: int = 0) -> Trajectory:
         sigmas = policy.sigmas(self.steps).to(torch.float32).cpu()
         mask = torch.zeros(self.steps, dtype=torch.bool) if deterministic else self.stochastic_mask(epoch)
+        multistep = self.multistep_mask(mask)
         x = noise
+        x0_prev = None  # the previous multistep step's data prediction: this rollout's own history, per row
         states = [x] if keep == "steps" else None
         log_probs = torch.zeros(x.shape[0], self.steps, dtype=torch.float32, device=x.device) if keep == "steps" else None
         for i in range(self.steps):
-            dist = self.step_distribution(policy, x, sigmas, i, cond, stochastic=bool(mask[i]))
-            if mask[i]:
+            if multistep[i]:
+                xf, sigma = x.float(), float(sigmas[i])
+                v = policy.velocity(x, _sigma_batch(sigma, x), cond).float()
+                x_next = dpm_solver_2m_step(xf, v, x0_prev, sigmas, i).to(x.dtype)
+                x0_prev = xf - sigma * v
+            elif mask[i]:
+                dist = self.step_distribution(policy, x, sigmas, i, cond, stochastic=True)
                 eps = randn_per_sample(tuple(x.shape[1:]), generators, device=x.device, dtype=torch.float32)
                 x_next = (dist.mean.float() + dist.std * eps).to(x.dtype)
                 if log_probs is not None:
                     log_probs[:, i] = gaussian_log_prob(x_next, dist.mean, dist.std)
             else:
-                x_next = dist.mean.to(x.dtype)
+                x_next = self.step_distribution(policy, x, sigmas, i, cond, stochastic=False).mean.to(x.dtype)
             x = x_next
             if states is not None:
                 states.append(x)
@@ -124,8 +160,12 @@ class ODESampler(_BaseSampler):
 
 class SDESampler(_BaseSampler):
     """Base of the SDE samplers (`flow-sde`, `dance-sde`, `cps`): options, the SDE window (`stochastic_mask`),
-    `ode_step` (Euler) at deterministic steps, and the rollout and log-prob. A new SDE sampler subclasses it,
-    takes options subclassing `flowfactory.samplers.SDEWindowOptions`, and defines only `sde_step`."""
+    `ode_step` (Euler) at deterministic steps, DPM-Solver++(2M) after the window with `ode_solver: dpm-solver++2m`
+    (`multistep_mask`), and the rollout and log-prob. A new SDE sampler subclasses it, takes options subclassing
+    `flowfactory.samplers.SDEWindowOptions`, and defines only `sde_step`.
+
+    `step_distribution(..., stochastic=False)` is the single-step Euler step: a multistep step depends on the
+    previous one as well, so only the rollout takes it."""
 
     def __init__(self, options: SDEWindowOptions, seed: int = 0):
         self.options = options
@@ -153,6 +193,14 @@ class SDESampler(_BaseSampler):
             start = int(rng.integers(lo, hi))
         mask[start:start + o.sde_window_size] = True
         return mask
+
+    def multistep_mask(self, stochastic: torch.Tensor) -> torch.Tensor:
+        """With `ode_solver: dpm-solver++2m` (MixGRPO-Flash), every step after the last stochastic one; before and
+        inside the window (and in a rollout with no stochastic step, eval) the steps stay `ode_step`'s."""
+        multistep = torch.zeros_like(stochastic)
+        if self.options.ode_solver == "dpm-solver++2m" and bool(stochastic.any()):
+            multistep[int(stochastic.nonzero().max()) + 1:] = True
+        return multistep
 
     def step_distribution(self, policy: Policy, x: torch.Tensor, sigmas: torch.Tensor, i: int,
                           cond: Conditioning, stochastic: bool = True) -> StepDistribution:
