@@ -118,3 +118,43 @@ def test_gpu_benchmark_reads_peaks_of_every_process_and_skips_what_cannot_fit(tm
     h200 = 143_771_287_552  # bytes torch reports for one H200
     assert gpu.too_big(186.73, h200) == "skipped: plan > 127 GiB of the GPU"  # FLUX.1-dev full finetune, 1 process
     assert gpu.too_big(32.32, h200) is None and gpu.too_big(186.73, None) is None
+
+
+def test_peer_grpo_benchmark_configures_both_projects_alike(tmp_path: Path, monkeypatch) -> None:
+    """benchmarks/peer_grpo.py needs Flow-Factory, which CI does not have; what it writes for our side must stay
+    a valid run config, and the two configs must keep describing the same run (the comparison's premise)."""
+    import importlib.util
+
+    import yaml
+
+    from flowfactory.config import validate
+
+    spec = importlib.util.spec_from_file_location("peer_grpo", ROOT / "benchmarks" / "peer_grpo.py")
+    assert spec is not None and spec.loader is not None
+    peer = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, peer)
+    spec.loader.exec_module(peer)
+    peer.build_pipeline(tmp_path / "pipe")
+    (tmp_path / "train.txt").write_text("\n".join(peer.PROMPTS) + "\n")
+    ours = yaml.safe_load(peer.OURS.format(seed=7, pipe=tmp_path / "pipe", tokens=512, prompts=tmp_path / "train.txt",
+                                           epochs=8, steps=2))
+    theirs = yaml.safe_load(peer.PEER.format(data=tmp_path, out=tmp_path / "out", pipe=tmp_path / "pipe", epochs=8,
+                                             steps=2, seed=7))
+    cfg, options = validate(ours, "peer_grpo.py")
+    assert cfg.train.steps_per_epoch == 2 and cfg.seed == 7
+    t, s = theirs["train"], theirs["scheduler"]
+    assert (t["gradient_step_per_epoch"], t["seed"], t["max_epochs"]) == (2, 7, cfg.train.epochs)
+    assert t["learning_rate"] == cfg.train.lr and t["adam_weight_decay"] == cfg.train.weight_decay
+    assert t["max_grad_norm"] == cfg.train.max_grad_norm and t["adv_clip_range"] == cfg.train.adv_clip
+    assert t["clip_range"] == options["optimizer"].clip_range and t["kl_beta"] == options["optimizer"].kl_beta
+    assert (t["unique_sample_num_per_epoch"], t["group_size"]) == (cfg.train.prompts_per_epoch, cfg.train.group_size)
+    assert t["per_device_batch_size"] == cfg.train.micro_batch_size and t["global_std"] is False
+    assert cfg.train.adv_std == "group"
+    sampler = options["sampler"]
+    assert (t["num_inference_steps"], s["noise_level"], s["num_sde_steps"]) == (
+        sampler.steps, sampler.noise_level, sampler.sde_window_size)
+    assert s["sde_steps"] == list(range(sampler.steps // 2))  # our window start is drawn from [0, steps // 2)
+    assert t["resolution"] == options["policy"].height == options["policy"].width
+    assert theirs["model"]["model_name_or_path"] == str(options["policy"].model)
+    compile(peer.PEER_DRIVER, "peer_driver.py", "exec")
+    compile(peer.PEER_REWARD, "peer_brightness.py", "exec")
