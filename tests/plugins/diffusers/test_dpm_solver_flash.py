@@ -4,11 +4,14 @@ with flow prediction (second order, midpoint, first-order final step) walks a wh
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flowfactory.samplers.flow import dpm_solver_2m_step
 
 
+# diffusers' DPMSolverMultistepScheduler builds its sigmas with np.array(torch tensor), which numpy 2 warns about
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 def test_2m_step_follows_diffusers_dpm_solver_multistep() -> None:
     from diffusers import DPMSolverMultistepScheduler
 
