@@ -6,14 +6,27 @@ rollout's images equal the stock pipeline's, and the report names the pipeline i
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """benchmarks/<name>.py imported as a module (benchmarks/ is not a package), registered in sys.modules for the
+    test's duration: dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("policy, pipeline", [
@@ -89,14 +102,9 @@ def test_gpu_benchmark_cpu_half_reports_every_model_and_mode(tmp_path: Path) -> 
 
 def test_gpu_benchmark_reads_peaks_of_every_process_and_skips_what_cannot_fit(tmp_path: Path, monkeypatch) -> None:
     """What the CPU half cannot show: CUDA peaks of several processes, and the plan-based skip."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
-    assert spec is not None and spec.loader is not None
-    gpu = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, gpu)  # dataclasses look their module up
-    spec.loader.exec_module(gpu)
+    gpu = load_benchmark("gpu", monkeypatch)
     run = tmp_path / "run"
     (run / "peak").mkdir(parents=True)
     times = [(30.0, 20.0, 10.0), (12.0, 8.0, 4.0), (14.0, 9.0, 5.0)]  # epoch, rollout, train; the first is warm-up
@@ -123,17 +131,11 @@ def test_gpu_benchmark_reads_peaks_of_every_process_and_skips_what_cannot_fit(tm
 def test_peer_grpo_benchmark_configures_both_projects_alike(tmp_path: Path, monkeypatch) -> None:
     """benchmarks/peer_grpo.py needs Flow-Factory, which CI does not have; what it writes for our side must stay
     a valid run config, and the two configs must keep describing the same run (the comparison's premise)."""
-    import importlib.util
-
     import yaml
 
     from flowfactory.config import validate
 
-    spec = importlib.util.spec_from_file_location("peer_grpo", ROOT / "benchmarks" / "peer_grpo.py")
-    assert spec is not None and spec.loader is not None
-    peer = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, peer)
-    spec.loader.exec_module(peer)
+    peer = load_benchmark("peer_grpo", monkeypatch)
     peer.build_pipeline(tmp_path / "pipe")
     (tmp_path / "train.txt").write_text("\n".join(peer.PROMPTS) + "\n")
     ours = yaml.safe_load(peer.OURS.format(seed=7, pipe=tmp_path / "pipe", tokens=512, prompts=tmp_path / "train.txt",
